@@ -1,0 +1,131 @@
+"""`crosswhisper-transcribe FILE... [--model NAME] [--output-format ...] [--output-dir DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from tqdm import tqdm
+
+from .whisper import Transcription, get_bundle, transcribe
+
+logger = logging.getLogger("crosswhisper")
+
+OUTPUT_FORMATS = ("txt", "srt", "vtt", "json")
+
+
+def _timestamp(seconds: float, decimal: str) -> str:
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
+
+
+def _write_txt(result: Transcription, out) -> None:
+    out.write(result.text + "\n")
+
+
+def _write_srt(result: Transcription, out) -> None:
+    for index, segment in enumerate(result.segments, start=1):
+        out.write(f"{index}\n{_timestamp(segment.start, ',')} --> {_timestamp(segment.end, ',')}\n{segment.text}\n\n")
+
+
+def _write_vtt(result: Transcription, out) -> None:
+    out.write("WEBVTT\n\n")
+    for segment in result.segments:
+        out.write(f"{_timestamp(segment.start, '.')} --> {_timestamp(segment.end, '.')}\n{segment.text}\n\n")
+
+
+def _write_json(result: Transcription, out) -> None:
+    json.dump(dataclasses.asdict(result), out, ensure_ascii=False, indent=2)
+    out.write("\n")
+
+
+WRITERS: dict[str, Callable[[Transcription, object], None]] = {
+    "txt": _write_txt,
+    "srt": _write_srt,
+    "vtt": _write_vtt,
+    "json": _write_json,
+}
+
+
+def write_result(result: Transcription, audio_path: Path, output_dir: Path, formats: Sequence[str]) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        target = output_dir / f"{audio_path.stem}.{fmt}"
+        # write to a temporary name first so an interrupted run never leaves half a file
+        partial = target.with_suffix(target.suffix + ".partial")
+        with open(partial, "w", encoding="utf-8") as out:
+            WRITERS[fmt](result, out)
+        partial.replace(target)
+        written.append(target)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crosswhisper-transcribe",
+        description="Transcribe audio files with Whisper, decoded by Cross-Regression.",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg/opus, mp3, ...)")
+    parser.add_argument(
+        "--model",
+        default="tiny.en",
+        help="bundled name (tiny.en, base), Hugging Face id or directory, or faster-whisper directory "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--language", default=None, help="language code (default: detect; 'en' for .en models)")
+    parser.add_argument(
+        "--output-format",
+        "-f",
+        choices=[*OUTPUT_FORMATS, "all"],
+        default="txt",
+        help="format of the written transcripts (default: %(default)s)",
+    )
+    parser.add_argument("--output-dir", "-o", type=Path, default=Path("."), help="where to write (default: .)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debugging details")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr
+    )
+    formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
+
+    try:
+        bundle = get_bundle(args.model, device=args.device)
+    except Exception as error:  # a model that cannot load fails every file: stop here, clearly
+        logger.error("cannot load model %r: %s", args.model, error)
+        return 2
+
+    failures = 0
+    for name in tqdm(args.files, desc="transcribing", unit="file", disable=len(args.files) < 2):
+        path = Path(name)
+        try:
+            result = transcribe(path, model=bundle, language=args.language, device=args.device)
+            write_result(result, path, args.output_dir, formats)
+        except (OSError, ValueError) as error:
+            # one bad file must not cost the others their transcripts: report it and go on
+            failures += 1
+            tqdm.write(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        tqdm.write(f"{path}: {result.text}")
+    if failures:
+        logger.error("%d of %d file(s) failed", failures, len(args.files))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The cross-regressive decoding loop (DESIGN §1.1) over any dual-stream model.
+
+A model plugs in through `DualStreamModel`: Whisper (`dual_stream.py` + `whisper.py`) and
+decoder-only text LMs implement it; this module imports neither transformers nor Whisper.
+
+One iteration, for one row:
+
+    1. forward once over [pending committed tokens, d_1 … d_γ]:
+         control stream → P_1 … P_{γ+1},  predictive stream → Q_1 … Q_{γ+1}
+    2. accept the longest prefix d_1..d_n that passes the energy test (acceptance.py)
+    3. commit d_1..d_n and one more token: the correction (n < γ) or the bonus (n = γ)
+    4. refill the buffer with this pass's predictive samples for the slots after the commit
+    5. let the model keep the committed prefix in its caches and drop the rest
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from .acceptance import AcceptanceRule, DraftBuffer, verify_greedy, verify_sampled
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    control_logits: torch.Tensor  # [B, γ+1, V] processed logits P_1..P_{γ+1} (all masks applied)
+    predictive_logits: Optional[torch.Tensor]  # [B, γ+1, V] processed Q_1..Q_{γ+1}; None when γ = 0
+
+
+class DualStreamModel(Protocol):
+    """What the loop needs from a model. Caches live in the model; the loop owns the tokens."""
+
+    vocab_size: int  # size of the distributions returned
+    max_length: int  # positions the model can hold (prompt + generated tokens)
+    length: int  # committed tokens already in the caches
+
+    def reset(self, batch: int) -> None:
+        """Start new sequences: empty caches."""
+
+    def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor) -> BlockOutput:
+        """One call of both streams over [pending [B, r], drafts [B, γ]] (γ may be 0).
+
+        The control stream attends causally; the predictive stream sees the committed
+        prefix and attends bidirectionally inside the draft block. Logits at the positions of
+        the last pending token and of every draft are returned, processed (suppressed
+        tokens etc.) at their absolute positions, identically for both streams.
+        """
+
+    def commit(self, keep: int) -> None:
+        """Keep the first `keep` tokens of the last block (pending + accepted drafts) in the caches."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    gamma: int = 16  # draft slots per forward call; 0 = plain autoregressive decoding
+    beta: float = 0.0  # EMA factor of the energy test (0 = lossless)
+    tau: float = 0.0  # energy floor, ≤ 0 (0 = lossless)
+    temperature: float = 0.0  # 0 = greedy
+    max_new_tokens: int = 224  # generated tokens at most (end-of-text included)
+    refill: str = "fresh"  # "fresh": this pass's predictions; "carry": the paper's carried drafts
+
+    def __post_init__(self):
+        if int(self.gamma) != self.gamma or self.gamma < 0:
+            raise ValueError(f"gamma must be an integer ≥ 0, got {self.gamma}")
+        if self.gamma:
+            AcceptanceRule(beta=self.beta, tau=self.tau, gamma=self.gamma)  # validates β, τ
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.refill not in ("fresh", "carry"):
+            raise ValueError(f"refill must be 'fresh' or 'carry', got {self.refill!r}")
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # generated tokens (prompt excluded), end-of-text included when produced
+    forward_calls: int = 0
+    accepted: Counter = field(default_factory=Counter)  # tokens committed per call → count
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / self.forward_calls if self.forward_calls else 0.0
+
+
+def _draft(Q_logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Sample the predictive stream: argmax (greedy; no softmax needed) or q̂ = softmax(Q/T)."""
+    if temperature == 0:
+        return Q_logits.argmax(dim=-1), None
+    q = torch.softmax(Q_logits.float() / temperature, dim=-1)
+    return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+
+
+def decode(
+    model: DualStreamModel,
+    prompt: Sequence[int],
+    *,
+    options: DecodeOptions,
+    eos_token_id: int,
+    placeholder_id: int,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> DecodeResult:
+    """Decode one sequence after `prompt` by cross-regression (γ ≥ 1) or plain AR (γ = 0).
+
+    With β = 0, τ = 0 the output is exactly what the control stream alone would produce:
+    token-identical to greedy at T = 0, and distributed as ancestral sampling at T > 0.
+    """
+    gamma, sampling = options.gamma, options.temperature > 0
+    rule = AcceptanceRule(beta=options.beta, tau=options.tau, gamma=gamma) if gamma else None
+    buffer = DraftBuffer.empty(
+        1, gamma, model.vocab_size, placeholder=placeholder_id, sampling=sampling and gamma > 0, device=device
+    )
+    result = DecodeResult(tokens=[])
+    pending = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    model.reset(1)
+
+    while True:
+        # near the model's length limit only the drafts that still fit are verified
+        fit = min(gamma, model.max_length - model.length - pending.shape[1])
+        drafts, valid = buffer.tokens[:, :fit], buffer.valid[:, :fit]
+        out = model.forward_block(pending, drafts)
+        result.forward_calls += 1
+        P_logits = out.control_logits.float()
+        if fit == 0:
+            n, next_token = 0, _sample_or_argmax(P_logits[:, 0], options.temperature, generator)
+        elif sampling:
+            P = torch.softmax(P_logits / options.temperature, dim=-1)
+            n_t, next_t = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator)
+            n, next_token = int(n_t[0]), int(next_t[0])
+        else:
+            Q_drafts = None if rule.lossless else out.predictive_logits[:, :fit].float()
+            n_t, next_t = verify_greedy(P_logits, drafts, valid, rule, Q_drafts)
+            n, next_token = int(n_t[0]), int(next_t[0])
+
+        new_tokens = buffer.tokens[0, :n].tolist() + [next_token]
+        budget = options.max_new_tokens - len(result.tokens)
+        new_tokens = new_tokens[:budget]
+        if eos_token_id in new_tokens:
+            new_tokens = new_tokens[: new_tokens.index(eos_token_id) + 1]
+        result.tokens += new_tokens
+        result.accepted[len(new_tokens)] += 1
+        if new_tokens[-1] == eos_token_id or len(result.tokens) >= options.max_new_tokens:
+            return result
+
+        model.commit(pending.shape[1] + n)
+        if gamma:
+            new_drafts, new_q = _draft(out.predictive_logits[0].float(), options.temperature, generator)
+            buffer.refill(n, new_drafts, new_q, carry=options.refill == "carry")
+        pending = torch.tensor([[next_token]], dtype=torch.long, device=device)
+
+
+def _sample_or_argmax(logits: torch.Tensor, temperature: float, generator) -> int:
+    if temperature == 0:
+        return int(logits[0].argmax())
+    probs = torch.softmax(logits[0] / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

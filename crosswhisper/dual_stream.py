@@ -1,0 +1,177 @@
+"""Both streams of a Hugging Face decoder in ONE forward call (DESIGN §1.3).
+
+Design: *two rows*. Row 0 is the control stream (LoRA delta gated off), row 1 the predictive
+stream (gated on); they run as a batch of two through the unmodified transformers decoder, each
+with its own KV cache row. The gate is a forward hook on every peft `lora_B` that multiplies
+the LoRA delta by a per-row factor, so the adapter stays a standard peft adapter (saved and
+loaded with peft's API) and no layer is re-implemented.
+
+The predictive row does not keep a prefix of its own: after every commit the control row's
+keys/values of the newly committed tokens are copied into it (the A3 two-stream idea: one
+cache of the committed prefix, computed by the control stream). So the committed prefix is
+computed once, by the frozen model, and the predictive stream always reads exactly the
+prefix it was trained on, never keys contaminated by the bidirectional draft block.
+
+Why two rows and not one row with per-token gating (the two-stream layout
+[pending, d_1..d_γ | x_last, d_1..d_γ] in one sequence): both do the same arithmetic, but one
+row of 2γ+1 queries needs a custom attention layout and per-token LoRA routing inside every
+layer, while two rows of γ+1 use the stock decoder. The per-call costs measured for both
+shapes are in the note of the decoding issue and in `eval/` (benchmark `call_cost`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .decoding import BlockOutput
+
+logger = logging.getLogger(__name__)
+
+CONTROL, PREDICTIVE = 0, 1
+
+# a function (logits [B, K, V], absolute token indices [K]) -> processed logits, in place allowed
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StreamGate:
+    """Per-row switch of the LoRA delta: `delta *= gate[row]` on every `lora_B` output."""
+
+    def __init__(self, model: nn.Module):
+        self.gate: Optional[torch.Tensor] = None  # [B, 1, 1]; None = adapter on everywhere
+        self._handles = []
+        for name, module in model.named_modules():
+            # peft keeps each adapter's B matrix in a ModuleDict `lora_B`; its output is the delta / scaling
+            if name.split(".")[-2:-1] == ["lora_B"]:
+                self._handles.append(module.register_forward_hook(self._hook))
+        if not self._handles:
+            raise ValueError("the model has no LoRA layers to gate (is it a peft LoRA model?)")
+
+    def _hook(self, module, inputs, output):
+        if self.gate is None:
+            return output
+        return output * self.gate.to(output.dtype)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class HFDualStream:
+    """`DualStreamModel` over a transformers decoder with cross-attention (Whisper).
+
+    decoder: the `WhisperDecoder` (possibly holding peft LoRA layers)
+    lm_head: the output projection (tied embeddings)
+    encoder_hidden_states: [1, frames, d_model] of the current 30 s window
+    process_logits: the model's logits processors (suppressed tokens, begin-suppress, ...)
+    gate: the StreamGate of the adapter, or None for a model without adapter
+    drafting: run the predictive row too (needs `gate`); False = control stream alone (γ = 0)
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        lm_head: nn.Module,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        process_logits: LogitsProcessor,
+        gate: Optional[StreamGate],
+        drafting: bool,
+        max_length: int,
+    ):
+        if drafting and gate is None:
+            raise ValueError("drafting needs a model with an adapter (a StreamGate)")
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.encoder_hidden_states = encoder_hidden_states
+        self.process_logits = process_logits
+        self.gate = gate
+        self.vocab_size = lm_head.weight.shape[0]
+        self.max_length = max_length
+        self.length = 0  # committed tokens held in the cache
+        self._block = 0  # tokens appended by the last forward_block
+        self._cache = None
+        self._rows = 2 if drafting else 1
+
+    def reset(self, batch: int) -> None:
+        if batch != 1:
+            raise NotImplementedError("batched decoding of several sequences is not implemented yet")
+        self.length = 0
+        self._block = 0
+        self._cache = None
+
+    def _new_cache(self):
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        config = copy.copy(self.decoder.config)
+        config.num_hidden_layers = config.decoder_layers
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+
+    @torch.inference_mode()
+    def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor) -> BlockOutput:
+        r, gamma = pending.shape[1], drafts.shape[1]
+        rows = self._rows
+        two_rows = rows == 2
+        if gamma and not two_rows:
+            raise ValueError("drafts given to a control-only model (drafting=False)")
+        if self.length + r + gamma > self.max_length:
+            raise ValueError(f"block of {r + gamma} tokens at {self.length} exceeds {self.max_length} positions")
+        if self._cache is None:
+            self._cache = self._new_cache()
+        block = torch.cat([pending, drafts], dim=1).expand(rows, -1)
+        L, past = r + gamma, self.length
+        device = block.device
+        positions = torch.arange(past, past + L, device=device).unsqueeze(0).expand(rows, -1)
+
+        kwargs = {}
+        if two_rows:
+            kwargs["attention_mask"] = self._block_mask(past, r, gamma, device)
+            self.gate.gate = torch.tensor([0.0, 1.0], device=device).view(2, 1, 1)
+        elif self.gate is not None:
+            self.gate.gate = torch.zeros(1, 1, 1, device=device)
+        hidden = self.decoder(
+            input_ids=block,
+            encoder_hidden_states=self.encoder_hidden_states.expand(rows, -1, -1),
+            past_key_values=self._cache,
+            position_ids=positions,
+            use_cache=True,
+            **kwargs,
+        ).last_hidden_state
+        self._block = L
+        # only the last pending token and the drafts predict something we need
+        logits = self.lm_head(hidden[:, r - 1 :])
+        token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
+        logits = self.process_logits(logits, token_index)
+        return BlockOutput(
+            control_logits=logits[CONTROL : CONTROL + 1],
+            predictive_logits=logits[PREDICTIVE : PREDICTIVE + 1] if two_rows else None,
+        )
+
+    def _block_mask(self, past: int, r: int, gamma: int, device) -> torch.Tensor:
+        """Additive mask [2, 1, L, past+L]: row 0 causal; row 1 causal except that the drafts
+        see each other (bidirectional inside the draft block) and every pending token."""
+        L = r + gamma
+        allowed = torch.ones(2, 1, L, past + L, dtype=torch.bool, device=device)
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device))
+        allowed[:, 0, :, past:] = causal
+        allowed[PREDICTIVE, 0, r:, past + r :] = True
+        mask = torch.zeros(allowed.shape, dtype=self.encoder_hidden_states.dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+
+    def commit(self, keep: int) -> None:
+        if not 0 < keep <= self._block:
+            raise ValueError(f"cannot keep {keep} of a {self._block}-token block")
+        start, self.length = self.length, self.length + keep
+        # transformers 5 crops by a negative count of tokens to remove
+        self._cache.self_attention_cache.crop(-(self._block - keep))
+        if self._rows == 2:
+            # the predictive row reads the control stream's prefix (see the module docstring)
+            for layer in self._cache.self_attention_cache.layers:
+                layer.keys[PREDICTIVE, :, start : self.length] = layer.keys[CONTROL, :, start : self.length]
+                layer.values[PREDICTIVE, :, start : self.length] = layer.values[CONTROL, :, start : self.length]
+        self._block = 0
