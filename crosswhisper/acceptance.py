@@ -92,6 +92,21 @@ def residual(P: torch.Tensor, q_hat: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, mass / total.clamp_min(torch.finfo(P.dtype).tiny), P)
 
 
+def check_shapes(P: torch.Tensor, drafts: torch.Tensor, valid: torch.Tensor, q_hat: Optional[torch.Tensor] = None):
+    """Refuse inconsistent inputs loudly: a silent broadcast here would break exactness."""
+    if drafts.dim() != 2 or P.dim() != 3:
+        raise ValueError(f"expected P [B, γ+1, V] and drafts [B, γ], got {tuple(P.shape)} and {tuple(drafts.shape)}")
+    B, gamma = drafts.shape
+    if P.shape[:2] != (B, gamma + 1):
+        raise ValueError(f"P must be [B={B}, γ+1={gamma + 1}, V], got {tuple(P.shape)}")
+    if valid.shape != drafts.shape:
+        raise ValueError(f"valid must be {tuple(drafts.shape)}, got {tuple(valid.shape)}")
+    if q_hat is not None and q_hat.shape != (B, gamma, P.shape[2]):
+        raise ValueError(
+            f"q_hat must be [B, γ, V] = {(B, gamma, P.shape[2])}, got {tuple(q_hat.shape)} (vocabulary mismatch?)"
+        )
+
+
 def _gather(dist: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return dist.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -110,6 +125,7 @@ def verify_sampled(
     or the bonus x ~ P_{γ+1} when all γ drafts were accepted. A slot without a draft is
     treated as a rejection whose proposal put no mass anywhere, so x_c ~ P_{n+1}.
     """
+    check_shapes(P, drafts, valid, q_hat)
     B, gamma = drafts.shape
     p_draft = _gather(P[:, :gamma], drafts)
     q_draft = _gather(q_hat, drafts)
@@ -141,6 +157,7 @@ def verify_greedy(
     (T = 1) distributions with q_k = Q_k(d_k), stays above τ√(k/γ) (U fixed at 1: deterministic).
     `Q_logits` [B, γ, V] are the proposal logits of the drafts; needed only in lossy mode.
     """
+    check_shapes(P_logits, drafts, valid, Q_logits if not rule.lossless else None)
     B, gamma = drafts.shape
     target = P_logits.argmax(dim=-1)  # [B, γ+1]
     passed = drafts == target[:, :gamma]

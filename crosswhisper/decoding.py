@@ -128,6 +128,8 @@ def decode(
         out = model.forward_block(pending, drafts)
         result.forward_calls += 1
         P_logits = out.control_logits.float()
+        if P_logits.shape[-1] != model.vocab_size:
+            raise ValueError(f"model returned {P_logits.shape[-1]} logits for a vocabulary of {model.vocab_size}")
         if fit == 0:
             n, next_token = 0, _sample_or_argmax(P_logits[:, 0], options.temperature, generator)
         elif sampling:

@@ -163,6 +163,7 @@ class HFDualStream:
         mask = torch.zeros(allowed.shape, dtype=self.encoder_hidden_states.dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
 
+    @torch.inference_mode()
     def commit(self, keep: int) -> None:
         if not 0 < keep <= self._block:
             raise ValueError(f"cannot keep {keep} of a {self._block}-token block")

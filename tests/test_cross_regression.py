@@ -1,0 +1,178 @@
+"""Cross-regressive decoding of real Whisper models on real audio, and of a tiny random Whisper
+whose sequence distribution can be enumerated."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from crosswhisper import transcribe
+from crosswhisper.decoding import DecodeOptions, decode
+from crosswhisper.dual_stream import HFDualStream, StreamGate
+from crosswhisper.whisper import (
+    AdaptedModel,
+    decode_window,
+    decoder_prompt,
+    encode,
+    generate_greedy,
+    get_bundle,
+    load_adapter,
+    new_adapter,
+    save_adapter,
+)
+
+GAMMAS = (1, 4, 16)
+
+
+@pytest.fixture(scope="module", params=["tiny.en", "base"])
+def whisper_case(request, test_clean, test_clean_audio):
+    """A model, a random (untrained, non-zero) adapter, and the 7 windows with their greedy reference."""
+    bundle = get_bundle(request.param)
+    adapted = new_adapter(bundle, rank=8, random_init=True, seed=0)
+    windows = []
+    for utt, _, _ in test_clean:
+        hidden = encode(bundle, test_clean_audio[utt])
+        prompt = decoder_prompt(bundle, "en")
+        reference, calls = generate_greedy(bundle, hidden, prompt)
+        windows.append((hidden, prompt, reference, calls))
+    return bundle, adapted, windows
+
+
+def test_greedy_lossless_is_token_identical_to_generate(whisper_case):
+    bundle, adapted, windows = whisper_case
+    for gamma in (0, *GAMMAS):
+        mismatches = 0
+        for hidden, prompt, reference, calls in windows:
+            result = decode_window(bundle, hidden, prompt, adapted=adapted, options=DecodeOptions(gamma=gamma))
+            mismatches += result.tokens != reference
+            assert result.forward_calls <= calls
+        assert mismatches == 0, f"{bundle.name} γ={gamma}: {mismatches} of 7 utterances differ from greedy"
+
+
+def test_lossy_never_drafts_fewer_tokens_per_forward(whisper_case):
+    bundle, adapted, windows = whisper_case
+
+    def tokens_per_forward(**kw):
+        tokens = calls = 0
+        for hidden, prompt, _, _ in windows:
+            result = decode_window(bundle, hidden, prompt, adapted=adapted, options=DecodeOptions(gamma=4, **kw))
+            tokens, calls = tokens + len(result.tokens), calls + result.forward_calls
+        return tokens / calls
+
+    lossless = tokens_per_forward()
+    assert tokens_per_forward(tau=-8.0) >= lossless
+    assert tokens_per_forward(beta=0.5) >= lossless
+
+
+def test_transcribe_with_adapter_directory(tmp_path, test_clean):
+    bundle = get_bundle("tiny.en")
+    adapted = new_adapter(bundle, rank=8, random_init=True, seed=1)
+    save_adapter(adapted.peft_model, tmp_path / "adapter", bundle)
+    _, path, _ = test_clean[0]
+    reference = transcribe(path, adapter=None)
+    fast = transcribe(path, adapter=tmp_path / "adapter", gamma=4)
+    assert fast.tokens == reference.tokens
+    assert sum(fast.stats.acceptance_histogram) == fast.stats.forward_calls
+    assert fast.stats.tokens_per_forward >= 1.0
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    base = get_bundle("base")
+    adapted = new_adapter(base, rank=4, random_init=True)
+    save_adapter(adapted.peft_model, tmp_path / "base-adapter", base)
+    with pytest.raises(ValueError, match="made for base model 'base'"):
+        load_adapter(get_bundle("tiny.en"), tmp_path / "base-adapter")
+    (tmp_path / "base-adapter" / "crosswhisper_adapter.json").unlink()  # no record: shapes still refuse it
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter(get_bundle("tiny.en"), tmp_path / "base-adapter")
+    with pytest.raises(FileNotFoundError):
+        load_adapter(get_bundle("tiny.en"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(beta=1.0), dict(beta=-0.5), dict(tau=1.0), dict(gamma=-1), dict(temperature=-0.1)],
+)
+def test_invalid_decoding_values_are_refused(kwargs, test_clean):
+    with pytest.raises(ValueError):
+        transcribe(test_clean[0][1], **kwargs)
+
+
+# --- sampling exactness through the real dual-stream module, on an enumerable Whisper ---------
+
+V, LENGTH, SOT = 5, 3, 0
+
+
+@pytest.fixture
+def one_thread():
+    # the toy model's ops are tiny: a second OpenMP thread only adds synchronisation
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_random_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+        max_source_positions=6, max_target_positions=16, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0, decoder_start_token_id=0,
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():  # sharpen the random model so that P is far from uniform
+        model.proj_out.weight.mul_(8.0)
+    from peft import get_peft_model
+
+    from crosswhisper.whisper import lora_config
+
+    peft_model = get_peft_model(model, lora_config(rank=4, alpha=64, random_init=True)).eval()
+    encoder_states = torch.randn(1, 6, 16)
+    return peft_model, StreamGate(peft_model), encoder_states
+
+
+def _streams(peft_model, gate, encoder_states, drafting):
+    whisper = peft_model.base_model.model
+    return HFDualStream(
+        whisper.model.decoder, whisper.proj_out, encoder_states,
+        process_logits=lambda logits, index: logits, gate=gate, drafting=drafting, max_length=16,
+    )
+
+
+def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_thread):
+    peft_model, gate, encoder_states = tiny_random_whisper
+    # exact sequence probabilities of the control stream (adapter off), by teacher forcing
+    sequences = list(itertools.product(range(V), repeat=LENGTH))
+    inputs = torch.tensor([[SOT, *seq[:-1]] for seq in sequences])
+    gate.gate = torch.zeros(1, 1, 1)
+    with torch.no_grad():
+        logits = peft_model.base_model.model(
+            encoder_outputs=(encoder_states.expand(len(sequences), -1, -1),), decoder_input_ids=inputs
+        ).logits
+    gate.gate = None
+    logp = logits.log_softmax(-1).gather(-1, torch.tensor(sequences).unsqueeze(-1)).squeeze(-1).sum(-1)
+    exact = logp.exp().double()
+    exact /= exact.sum()
+
+    n = 2000
+    g = torch.Generator().manual_seed(7)
+    streams = _streams(peft_model, gate, encoder_states, drafting=True)
+    options = DecodeOptions(gamma=3, temperature=1.0, max_new_tokens=LENGTH)
+    counts = torch.zeros(len(sequences))
+    calls = 0
+    for _ in range(n):
+        out = decode(streams, [SOT], options=options, eos_token_id=-1, placeholder_id=1, generator=g)
+        counts[sequences.index(tuple(out.tokens))] += 1
+        calls += out.forward_calls
+    assert calls < n * LENGTH  # drafts were accepted at all: the test exercises acceptance
+    expected = exact * n
+    big = expected >= 5  # merge rare sequences into one bin for the chi-square approximation
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)]).numpy()
+    expected = torch.cat([expected[big], expected[~big].sum().view(1)]).numpy()
+    p = chisquare(observed, expected).pvalue
+    assert p > 1e-3, f"cross-regressive sampling deviates from ancestral sampling (p = {p:.2e})"

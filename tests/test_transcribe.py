@@ -1,0 +1,121 @@
+"""The baseline: transcribe() and the CLI on real LibriSpeech audio with real Whisper weights."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import crosswhisper
+from crosswhisper import AudioError, transcribe
+from crosswhisper.cli import main as cli_main
+from crosswhisper.metrics import word_error_rate
+
+
+@pytest.mark.parametrize("model,max_wer", [("tiny.en", 0.10), ("base", 0.08)])
+def test_wer_on_test_clean(model, max_wer, test_clean):
+    hyps = [transcribe(path, model=model, adapter=None).text for _, path, _ in test_clean]
+    refs = [text for _, _, text in test_clean]
+    wer = word_error_rate(refs, hyps)
+    print(f"{model}: WER {wer:.2%}")
+    assert wer <= max_wer
+
+
+def test_result_fields(test_clean):
+    _, path, _ = test_clean[0]
+    result = transcribe(path)
+    assert isinstance(result, crosswhisper.Transcription)
+    assert result.text and result.language == "en"
+    assert result.tokens and all(isinstance(t, int) for t in result.tokens)
+    s = result.stats
+    assert s.forward_calls >= 1 and s.generated_tokens == len(result.tokens) + 1  # + end-of-text
+    assert s.tokens_per_forward == pytest.approx(s.generated_tokens / s.forward_calls)
+    assert s.encode_seconds > 0 and s.decode_seconds > 0
+    assert result.segments[0].start == 0 and result.segments[0].end == pytest.approx(result.duration)
+    with pytest.raises(Exception):
+        result.text = "changed"  # frozen
+
+
+def test_array_input_equals_file_input(test_clean, test_clean_audio):
+    utt, path, _ = test_clean[1]
+    assert transcribe(test_clean_audio[utt]).tokens == transcribe(path).tokens
+
+
+def test_base_detects_english(test_clean):
+    _, path, _ = test_clean[2]
+    assert transcribe(path, model="base").language == "en"
+
+
+def test_other_formats_and_rates(tmp_path, test_clean, test_clean_audio):
+    utt, path, _ = test_clean[0]
+    reference = transcribe(path).text
+    ogg = tmp_path / "speech.ogg"  # Ogg Vorbis at 44.1 kHz stereo: resampled and downmixed
+    import librosa
+
+    stereo = librosa.resample(test_clean_audio[utt], orig_sr=16000, target_sr=44100)
+    sf.write(ogg, np.stack([stereo, stereo], axis=1), 44100, format="OGG", subtype="VORBIS")
+    assert transcribe(ogg).text.split()[:5] == reference.split()[:5]
+
+
+def test_silence_gives_empty_text():
+    result = transcribe(np.zeros(16000 * 3, dtype=np.float32))
+    assert result.text == "" and result.tokens == ()
+
+
+def test_long_audio_is_cut_into_windows(test_clean_audio):
+    audio = np.concatenate([test_clean_audio[u] for u in sorted(test_clean_audio)[:4]])
+    assert len(audio) > 16000 * 30
+    result = transcribe(audio)
+    assert len(result.segments) == 2 and result.segments[1].start == 30.0
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        transcribe(tmp_path / "nope.wav")
+    text_file = tmp_path / "notes.wav"
+    text_file.write_text("this is not audio")
+    with pytest.raises(AudioError, match="notes.wav"):
+        transcribe(text_file)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="empty"):
+        transcribe(empty)
+    with pytest.raises(TypeError):
+        transcribe(12345)
+    with pytest.raises(ValueError, match="English-only"):
+        transcribe(np.zeros(1600, dtype=np.float32), language="de")
+    with pytest.raises(TypeError):
+        transcribe("x.wav", "tiny.en")  # options are keyword-only
+
+
+def test_cli_writes_all_formats_and_survives_a_bad_file(tmp_path, test_clean, capsys):
+    _, good, _ = test_clean[0]
+    bad = tmp_path / "broken.flac"
+    bad.write_bytes(b"\x00" * 100)
+    out = tmp_path / "out"
+    status = cli_main([str(good), str(bad), str(tmp_path / "missing.wav"), "-f", "all", "-o", str(out)])
+    assert status != 0
+    err = capsys.readouterr().err
+    assert "broken.flac" in err and "missing.wav" in err
+    stem = good.stem
+    assert (out / f"{stem}.txt").read_text().strip()
+    assert (out / f"{stem}.srt").read_text().startswith("1\n00:00:00,000 --> ")
+    assert (out / f"{stem}.vtt").read_text().startswith("WEBVTT")
+    assert json.loads((out / f"{stem}.json").read_text())["language"] == "en"
+    assert not list(out.glob("broken.*"))
+
+
+def test_cli_console_script(tmp_path, test_clean):
+    _, good, _ = test_clean[3]
+    script = Path(sys.executable).parent / "crosswhisper-transcribe"  # the installed entry point
+    assert script.exists(), "pip install the package: the console script is missing"
+    proc = subprocess.run([str(script), str(good), "-o", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / f"{good.stem}.txt").read_text().strip()
+
+
+def test_cli_unknown_model(tmp_path, test_clean):
+    assert cli_main([str(test_clean[0][1]), "--model", str(tmp_path / "no-such-model")]) == 2
