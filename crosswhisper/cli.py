@@ -12,7 +12,8 @@ from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
-from .whisper import Transcription, get_bundle, transcribe
+from .decoding import DecodeOptions
+from .whisper import Transcription, get_bundle, load_adapter, transcribe
 
 logger = logging.getLogger("crosswhisper")
 
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="bundled name (tiny.en, base), Hugging Face id or directory, or faster-whisper directory "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="peft adapter directory of the predictive stream: enables cross-regressive decoding",
+    )
+    parser.add_argument("--no-adapter", action="store_true", help="plain greedy decoding (transformers generate)")
+    parser.add_argument("--gamma", type=int, default=16, help="draft slots per forward call (default: %(default)s)")
+    parser.add_argument("--beta", type=float, default=0.0, help="EMA factor in [0, 1); 0 = lossless (default)")
+    parser.add_argument("--tau", type=float, default=0.0, help="energy floor ≤ 0; 0 = lossless (default)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--language", default=None, help="language code (default: detect; 'en' for .en models)")
     parser.add_argument(
         "--output-format",
@@ -102,18 +114,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr
     )
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
+    adapter = None if args.no_adapter else args.adapter
+    try:  # refuse bad values before loading anything
+        DecodeOptions(gamma=args.gamma, beta=args.beta, tau=args.tau, temperature=args.temperature)
+    except ValueError as error:
+        parser.error(str(error))
+    decoding = dict(gamma=args.gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed)
 
+    # a model or adapter that cannot load would fail every file: stop here, clearly
     try:
         bundle = get_bundle(args.model, device=args.device)
-    except Exception as error:  # a model that cannot load fails every file: stop here, clearly
+    except Exception as error:
         logger.error("cannot load model %r: %s", args.model, error)
         return 2
+    if adapter is not None:
+        try:
+            adapter = load_adapter(bundle, adapter)
+        except (OSError, ValueError) as error:
+            logger.error("cannot use adapter %r: %s", adapter, error)
+            return 2
 
     failures = 0
     for name in tqdm(args.files, desc="transcribing", unit="file", disable=len(args.files) < 2):
         path = Path(name)
         try:
-            result = transcribe(path, model=bundle, language=args.language, device=args.device)
+            result = transcribe(
+                path, model=bundle, adapter=adapter, language=args.language, device=args.device, **decoding
+            )
             write_result(result, path, args.output_dir, formats)
         except (OSError, ValueError) as error:
             # one bad file must not cost the others their transcripts: report it and go on

@@ -176,3 +176,24 @@ def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_t
     expected = torch.cat([expected[big], expected[~big].sum().view(1)]).numpy()
     p = chisquare(observed, expected).pvalue
     assert p > 1e-3, f"cross-regressive sampling deviates from ancestral sampling (p = {p:.2e})"
+
+
+@pytest.mark.parametrize("flags", [["--beta", "1"], ["--tau", "0.5"], ["--gamma", "-2"], ["--temperature", "-1"]])
+def test_cli_rejects_invalid_values(flags, test_clean, capsys):
+    from crosswhisper.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(test_clean[0][1]), *flags])
+    assert exit_info.value.code == 2
+    assert flags[0].lstrip("-") in capsys.readouterr().err
+
+
+def test_cli_with_adapter(tmp_path, test_clean, capsys):
+    from crosswhisper.cli import main as cli_main
+
+    bundle = get_bundle("tiny.en")
+    save_adapter(new_adapter(bundle, rank=4, random_init=True).peft_model, tmp_path / "adapter", bundle)
+    _, path, _ = test_clean[4]
+    assert cli_main([str(path), "--adapter", str(tmp_path / "adapter"), "--gamma", "4", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / f"{path.stem}.txt").read_text().strip() == transcribe(path, adapter=None).text
+    assert cli_main([str(path), "--adapter", str(tmp_path / "nothing-here")]) == 2

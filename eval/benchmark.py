@@ -1,0 +1,168 @@
+"""Decoder benchmarks: cost of one dual-stream call, and decode-phase speed on LibriSpeech.
+
+    python eval/benchmark.py call_cost --model tiny.en
+    python eval/benchmark.py decode --model tiny.en --adapter random --gammas 4 16
+
+Everything is measured in one process, systems interleaved per repetition/utterance after a
+warm-up, and reported as ratios against the baseline of the same run (DESIGN §4): absolute
+times on a shared CPU are noise, ratios from one run are the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crosswhisper.audio import load_audio  # noqa: E402
+from crosswhisper.decoding import DecodeOptions  # noqa: E402
+from crosswhisper.dual_stream import HFDualStream  # noqa: E402
+from crosswhisper.whisper import (  # noqa: E402
+    decode_window,
+    decoder_prompt,
+    encode,
+    generate_greedy,
+    get_bundle,
+    load_adapter,
+    logits_processor,
+    new_adapter,
+)
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "LibriSpeech" / "test-clean"
+
+
+def _adapter(bundle, spec: str):
+    if spec == "random":  # untrained, non-zero LoRA: the worst case for drafting
+        return new_adapter(bundle, rank=32, random_init=True, seed=0)
+    return load_adapter(bundle, spec)
+
+
+def call_cost(args) -> dict:
+    """Median wall time of one decoder call over a 40-token committed prefix, per block shape."""
+    bundle = get_bundle(args.model)
+    adapted = _adapter(bundle, args.adapter)
+    whisper = adapted.peft_model.base_model.model
+    audio = load_audio(next(iter(sorted(Path(args.data).rglob("*.flac")))))
+    hidden = encode(bundle, audio)
+    prompt = decoder_prompt(bundle, "en")
+    filler = bundle.tokenizer.encode(" the", add_special_tokens=False)[0]  # any ordinary token
+    prefix = prompt + [filler] * (40 - len(prompt))
+    process = logits_processor(bundle, len(prompt))
+
+    def streams(drafting: bool, plain: bool = False):
+        model = bundle.model if plain else whisper
+        return HFDualStream(
+            model.model.decoder, model.proj_out, hidden, process_logits=process,
+            gate=None if plain else adapted.gate, drafting=drafting, max_length=448,
+        )
+
+    # (label, streams factory, pending tokens, drafts): block = pending + drafts per row
+    shapes = [("single-token step, base model (no LoRA)", lambda: streams(False, plain=True), 1, 0)]
+    for block in args.blocks:
+        shapes.append((f"two rows × {block}", lambda: streams(True), 1, block - 1))
+        shapes.append((f"one row × {2 * block - 1} (two-stream layout)", lambda: streams(False), 2 * block - 1, 0))
+    built = [(label, factory(), r, g) for label, factory, r, g in shapes]
+    times = {label: [] for label, *_ in built}
+    for rep in range(args.repeats + 2):  # the first two rounds warm up
+        for label, model, r, g in built:
+            model.reset(1)
+            model.forward_block(torch.tensor([prefix]), torch.empty(1, 0, dtype=torch.long))
+            model.commit(len(prefix))
+            pending = torch.full((1, r), filler)
+            drafts = torch.full((1, g), filler)
+            t0 = time.perf_counter()
+            model.forward_block(pending, drafts)
+            if rep >= 2:
+                times[label].append(time.perf_counter() - t0)
+    base = statistics.median(times[built[0][0]])
+    rows = [
+        {"shape": label, "ms": 1000 * statistics.median(ts), "vs_single_token": statistics.median(ts) / base}
+        for label, ts in times.items()
+    ]
+    print(f"\n{args.model}, torch threads {torch.get_num_threads()}, median of {args.repeats}\n")
+    print("| call | ms | × single-token step |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['shape']} | {row['ms']:.1f} | {row['vs_single_token']:.2f} |")
+    return {"model": args.model, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def decode_speed(args) -> dict:
+    """Decode phase on every utterance: generate (reference), our AR loop, cross-regression."""
+    bundle = get_bundle(args.model)
+    adapted = _adapter(bundle, args.adapter)
+    files = sorted(Path(args.data).rglob("*.flac"))[: args.max_utterances]
+    windows = []
+    for path in files:
+        hidden = encode(bundle, load_audio(path))
+        windows.append((path.stem, hidden, decoder_prompt(bundle, "en")))
+
+    systems = {"generate (reference)": lambda h, p: _run_generate(bundle, h, p)}
+    systems["own loop, γ=0"] = lambda h, p: _run_loop(bundle, h, p, None, DecodeOptions(gamma=0))
+    for gamma in args.gammas:
+        systems[f"cross-regression γ={gamma}"] = (
+            lambda h, p, g=gamma: _run_loop(bundle, h, p, adapted, DecodeOptions(gamma=g))
+        )
+    totals = {name: {"seconds": 0.0, "tokens": 0, "calls": 0, "mismatches": 0} for name in systems}
+    for name, run in systems.items():  # warm-up
+        run(windows[0][1], windows[0][2])
+    for utt, hidden, prompt in windows:
+        reference = None
+        for name, run in systems.items():  # interleaved per utterance
+            t0 = time.perf_counter()
+            tokens, calls = run(hidden, prompt)
+            seconds = time.perf_counter() - t0
+            reference = tokens if reference is None else reference
+            total = totals[name]
+            total["seconds"] += seconds
+            total["tokens"] += len(tokens)
+            total["calls"] += calls
+            total["mismatches"] += tokens != reference
+    ref = totals["generate (reference)"]["seconds"]
+    print(f"\n{args.model}, adapter {args.adapter}, {len(windows)} utterances, threads {torch.get_num_threads()}\n")
+    print("| system | tokens/forward | decode s | × reference speed | token mismatches |\n|---|---|---|---|---|")
+    for name, t in totals.items():
+        t["tokens_per_forward"] = t["tokens"] / t["calls"]
+        t["speedup_vs_reference"] = ref / t["seconds"]
+        print(
+            f"| {name} | {t['tokens_per_forward']:.3f} | {t['seconds']:.2f} | "
+            f"{t['speedup_vs_reference']:.2f} | {t['mismatches']} |"
+        )
+    return {"model": args.model, "adapter": args.adapter, "utterances": len(windows), "systems": totals}
+
+
+def _run_generate(bundle, hidden, prompt):
+    return generate_greedy(bundle, hidden, prompt)
+
+
+def _run_loop(bundle, hidden, prompt, adapted, options):
+    result = decode_window(bundle, hidden, prompt, adapted=adapted, options=options)
+    return result.tokens, result.forward_calls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["call_cost", "decode"])
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--adapter", default="random", help="'random' (untrained) or a peft adapter directory")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[8, 17, 33], help="tokens per row (call_cost)")
+    parser.add_argument("--gammas", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--max-utterances", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    result = call_cost(args) if args.what == "call_cost" else decode_speed(args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
