@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +37,28 @@ CONTROL, PREDICTIVE = 0, 1
 
 # a function (logits [B, K, V], absolute token indices [K]) -> processed logits, in place allowed
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_TRANSPOSED: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def project(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Output projection of [B, K, d] hidden states onto the vocabulary.
+
+    The vocabulary projection is the largest single cost of a block call on a CPU. For more
+    than two positions, `hidden @ W.T` with W.T stored contiguous runs about twice as fast as
+    `F.linear(hidden, W)` (measured on 2 cores, tiny.en: 10 vs 20 ms for 17 positions), so a
+    transposed copy of the (frozen) weight is kept per output layer.
+    """
+    weight = lm_head.weight
+    if hidden.shape[0] * hidden.shape[1] <= 2 or torch.is_grad_enabled():
+        return lm_head(hidden)
+    transposed = _TRANSPOSED.get(lm_head)
+    if transposed is None or transposed.device != weight.device or transposed.dtype != weight.dtype:
+        transposed = weight.detach().t().contiguous()
+        _TRANSPOSED[lm_head] = transposed
+    logits = hidden @ transposed
+    return logits if getattr(lm_head, "bias", None) is None else logits + lm_head.bias
 
 
 class StreamGate:
@@ -144,7 +167,7 @@ class HFDualStream:
         ).last_hidden_state
         self._block = L
         # only the last pending token and the drafts predict something we need
-        logits = self.lm_head(hidden[:, r - 1 :])
+        logits = project(hidden[:, r - 1 :], self.lm_head)
         token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
         logits = self.process_logits(logits, token_index)
         return BlockOutput(

@@ -164,6 +164,10 @@ def generate_greedy(
     config.temperature = temperature if temperature > 0 else None
     config.num_beams = 1
     config.return_timestamps = False
+    if is_multilingual(bundle):
+        # the prompt names the language: without this, generate() runs its own detection call
+        config.language = bundle.tokenizer.convert_ids_to_tokens(prompt[1]).strip("<|>")
+        config.task = "transcribe"
     counter = _ForwardCounter(model.get_decoder())
     try:
         with torch.inference_mode():

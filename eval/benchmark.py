@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosswhisper.audio import load_audio  # noqa: E402
 from crosswhisper.decoding import DecodeOptions  # noqa: E402
-from crosswhisper.dual_stream import HFDualStream  # noqa: E402
+from crosswhisper.dual_stream import HFDualStream, project  # noqa: E402
 from crosswhisper.whisper import (  # noqa: E402
     decode_window,
     decoder_prompt,
@@ -63,25 +63,47 @@ def call_cost(args) -> dict:
             gate=None if plain else adapted.gate, drafting=drafting, max_length=448,
         )
 
-    # (label, streams factory, pending tokens, drafts): block = pending + drafts per row
-    shapes = [("single-token step, base model (no LoRA)", lambda: streams(False, plain=True), 1, 0)]
+    def setup(model):
+        model.reset(1)
+        model.forward_block(torch.tensor([prefix]), torch.empty(1, 0, dtype=torch.long))
+        model.commit(len(prefix))
+
+    def block_call(model, r, g):
+        # the design as implemented: one call, logits at the last pending token and every draft
+        return lambda: model.forward_block(torch.full((1, r), filler), torch.full((1, g), filler))
+
+    def one_row_call(model, block):
+        # the two-stream layout's arithmetic: one row of [pending, d_1..d_γ | x_last, d_1..d_γ]
+        # (2·block − 1 tokens, LoRA layers present) projecting all of them onto the vocabulary
+        def run():
+            hidden = model.decoder(
+                input_ids=torch.full((1, 2 * block - 1), filler),
+                encoder_hidden_states=hidden_states,
+                past_key_values=model._cache,
+                use_cache=True,
+            ).last_hidden_state
+            return project(hidden, model.lm_head)
+
+        return run
+
+    hidden_states = hidden
+    plain = streams(False, plain=True)
+    shapes = [("single-token step, base model (no LoRA)", plain, block_call(plain, 1, 0))]
     for block in args.blocks:
-        shapes.append((f"two rows × {block}", lambda: streams(True), 1, block - 1))
-        shapes.append((f"one row × {2 * block - 1} (two-stream layout)", lambda: streams(False), 2 * block - 1, 0))
-    built = [(label, factory(), r, g) for label, factory, r, g in shapes]
-    times = {label: [] for label, *_ in built}
-    for rep in range(args.repeats + 2):  # the first two rounds warm up
-        for label, model, r, g in built:
-            model.reset(1)
-            model.forward_block(torch.tensor([prefix]), torch.empty(1, 0, dtype=torch.long))
-            model.commit(len(prefix))
-            pending = torch.full((1, r), filler)
-            drafts = torch.full((1, g), filler)
-            t0 = time.perf_counter()
-            model.forward_block(pending, drafts)
-            if rep >= 2:
-                times[label].append(time.perf_counter() - t0)
-    base = statistics.median(times[built[0][0]])
+        two = streams(True)
+        one = streams(False)
+        shapes.append((f"two rows × {block} (this design)", two, block_call(two, 1, block - 1)))
+        shapes.append((f"one row × {2 * block - 1} (two-stream layout)", one, one_row_call(one, block)))
+    times = {label: [] for label, *_ in shapes}
+    with torch.inference_mode():
+        for rep in range(args.repeats + 2):  # the first two rounds warm up
+            for label, model, run in shapes:  # interleaved
+                setup(model)
+                t0 = time.perf_counter()
+                run()
+                if rep >= 2:
+                    times[label].append(time.perf_counter() - t0)
+    base = statistics.median(times[shapes[0][0]])
     rows = [
         {"shape": label, "ms": 1000 * statistics.median(ts), "vs_single_token": statistics.median(ts) / base}
         for label, ts in times.items()
