@@ -89,12 +89,13 @@ class DecodeResult:
         return len(self.tokens) / self.forward_calls if self.forward_calls else 0.0
 
 
-def _draft(Q_logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Sample the predictive stream: argmax (greedy; no softmax needed) or q̂ = softmax(Q/T)."""
+def _sample(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Tokens [K] from logits [K, V]: argmax (greedy; no softmax needed) or a sample of
+    softmax(logits/T), returned with that distribution (the q̂ a draft must carry)."""
     if temperature == 0:
-        return Q_logits.argmax(dim=-1), None
-    q = torch.softmax(Q_logits.float() / temperature, dim=-1)
-    return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+        return logits.argmax(dim=-1), None
+    dist = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(dist, 1, generator=generator).squeeze(-1), dist
 
 
 def decode(
@@ -130,8 +131,11 @@ def decode(
         P_logits = out.control_logits.float()
         if P_logits.shape[-1] != model.vocab_size:
             raise ValueError(f"model returned {P_logits.shape[-1]} logits for a vocabulary of {model.vocab_size}")
+        # Acceptance rule: commit d_1..d_n, the longest prefix of real drafts with ρ̂_k ≥ η_k
+        # (lossless T > 0: U_k ≤ p_k / q̂_k(d_k); T = 0: d_k == argmax P_k), then one token
+        # from P_{n+1} (minus q̂_{n+1} after a rejection).
         if fit == 0:
-            n, next_token = 0, _sample_or_argmax(P_logits[:, 0], options.temperature, generator)
+            n, next_token = 0, int(_sample(P_logits[0, :1], options.temperature, generator)[0][0])
         elif sampling:
             P = torch.softmax(P_logits / options.temperature, dim=-1)
             n_t, next_t = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator)
@@ -153,13 +157,7 @@ def decode(
 
         model.commit(pending.shape[1] + n)
         if gamma:
-            new_drafts, new_q = _draft(out.predictive_logits[0].float(), options.temperature, generator)
+            new_drafts, new_q = _sample(out.predictive_logits[0], options.temperature, generator)
             buffer.refill(n, new_drafts, new_q, carry=options.refill == "carry")
         pending = torch.tensor([[next_token]], dtype=torch.long, device=device)
 
-
-def _sample_or_argmax(logits: torch.Tensor, temperature: float, generator) -> int:
-    if temperature == 0:
-        return int(logits[0].argmax())
-    probs = torch.softmax(logits[0] / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -363,6 +363,7 @@ def transcribe(
     seed: seeds the sampler (temperature > 0) for reproducible output.
     device: torch device for the model ("cpu", "cuda").
     """
+    # validated before any loading; decode_window caps max_new_tokens at the model's positions
     options = DecodeOptions(gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=448)
     if adapter is not None and gamma < 1:
         logger.info("gamma=0: the adapter is loaded but drafting is off")
