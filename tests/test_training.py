@@ -1,0 +1,94 @@
+"""Algorithm 3 pieces, and the promise that training sees exactly what inference computes."""
+
+import pytest
+import torch
+
+from crosswhisper.dual_stream import HFDualStream
+from crosswhisper.training import (
+    ReplayBuffer,
+    TrainingConfig,
+    _teacher_pass,
+    block_mask,
+    distillation_step,
+    prepare_examples,
+    student_logits,
+    suffix_weights,
+    train,
+)
+from crosswhisper.whisper import get_bundle, logits_processor, new_adapter, special_id
+
+
+@pytest.fixture(scope="module")
+def setup(test_clean):
+    bundle = get_bundle("tiny.en")
+    examples = prepare_examples(bundle, [path for _, path, _ in test_clean[:2]])
+    return bundle, examples
+
+
+def test_suffix_weights():
+    hits = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    # s_t = run of correct predictions after t; weight s_t + 1, zero where there is no target
+    assert suffix_weights(hits, valid).tolist() == [[2, 1, 3, 2, 0], [1, 1, 1, 1, 1]]
+
+
+def test_block_mask_pattern():
+    allowed = block_mask(torch.tensor([2, 4]), cached=5, block=3, dtype=torch.float32) == 0
+    assert allowed[0, 0, 0].tolist() == [True, True, False, False, False, True, False, False]
+    assert allowed[0, 0, 1].tolist() == [True, True, False, False, False, True, True, True]
+    assert allowed[1, 0, 2].tolist() == [True, True, True, True, False, True, True, True]
+
+
+def test_student_sees_what_the_predictive_stream_sees_at_inference(setup):
+    """Train and infer with the same block structure: same logits for the same block."""
+    bundle, examples = setup
+    ex = examples[0]
+    adapted = new_adapter(bundle, rank=8, random_init=True, seed=3)
+    cut, gamma = 9, 4
+    drafts = ex.tokens[cut + 1 : cut + 1 + gamma].clone()
+    drafts[2] = special_id(bundle, "<|endoftext|>")  # a placeholder in the middle
+    _, cache = _teacher_pass(bundle, ex)
+    with torch.no_grad():
+        train_logits = student_logits(adapted, ex, torch.tensor([cut]), drafts.view(1, -1), cache)[0]
+
+    whisper = adapted.peft_model.base_model.model
+    hidden = ex.encoder_states.to(whisper.dtype)
+    streams = HFDualStream(
+        whisper.model.decoder, whisper.proj_out, hidden, process_logits=logits_processor(bundle, ex.prompt_length),
+        gate=adapted.gate, drafting=True, max_length=448,
+    )
+    streams.reset(1)
+    streams.forward_block(ex.tokens[:cut].view(1, -1), torch.empty(1, 0, dtype=torch.long))
+    streams.commit(cut)
+    out = streams.forward_block(ex.tokens[cut : cut + 1].view(1, -1), drafts.view(1, -1))
+    infer_logits = out.predictive_logits[0]
+    finite = torch.isfinite(infer_logits)  # inference applies the suppress masks
+    assert torch.allclose(train_logits[finite], infer_logits[finite], atol=2e-3)
+    assert torch.equal(train_logits.masked_fill(~finite, -float("inf")).argmax(-1), infer_logits.argmax(-1))
+
+
+def test_training_steps_checkpoint_and_resume(setup, tmp_path):
+    bundle, examples = setup
+    config = TrainingConfig(gamma=4, rank=4, steps=2, cuts_per_utterance=2, utterances_per_step=1, checkpoint_every=1)
+    train(bundle, examples, config, output_dir=tmp_path)
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 2
+    longer = TrainingConfig(**{**config.__dict__, "steps": 3})
+    adapted = train(bundle, examples, longer, output_dir=tmp_path)  # resumes at step 2
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    assert any(p.abs().sum() > 0 for n, p in adapted.peft_model.named_parameters() if "lora_B" in n)
+
+
+def test_distillation_loss_trains_only_the_adapter(setup):
+    bundle, examples = setup
+    adapted = new_adapter(bundle, rank=4, seed=0)
+    adapted.peft_model.train()
+    config = TrainingConfig(gamma=4, rank=4, cuts_per_utterance=3)
+    g = torch.Generator().manual_seed(0)
+    replay = ReplayBuffer(examples, 4, bundle.model.config.vocab_size, special_id(bundle, "<|endoftext|>"), g)
+    loss, info = distillation_step(bundle, adapted, examples[0], replay, config, g)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= info["hits"] <= 1
+    grads = {n for n, p in adapted.peft_model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(p.grad is None for p in bundle.model.parameters())
