@@ -66,7 +66,12 @@ def project(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
 
 
 class StreamGate:
-    """Per-row switch of the LoRA delta: `delta *= gate[row]` on every `lora_B` output."""
+    """Per-row switch of the LoRA delta: `delta *= gate[row]` on every LoRA layer's output.
+
+    On a peft model the gate is a forward hook on every `lora_B` (training and saving keep
+    working); `fuse()` swaps peft's layers for `GatedLoRALinear`, which computes the same sum
+    without peft's per-layer Python overhead, for inference.
+    """
 
     def __init__(self, model: nn.Module):
         self.gate: Optional[torch.Tensor] = None  # [B, 1, 1]; None = adapter on everywhere
@@ -87,6 +92,50 @@ class StreamGate:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def fuse(self, model: nn.Module) -> int:
+        """Replace every peft LoRA linear layer of `model` by a `GatedLoRALinear` on this gate
+        (inference only: the model can no longer be trained or saved with peft). Returns the count."""
+        from peft.tuners.lora import LoraLayer
+
+        self.remove()
+        targets = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+        for name, module in targets:
+            if len(module.active_adapters) != 1 or not isinstance(module.base_layer, nn.Linear):
+                raise ValueError(f"{name}: only one active LoRA adapter on a linear layer can be fused")
+            adapter = module.active_adapters[0]
+            if adapter in getattr(module, "lora_variant", {}):  # DoRA & co. are not plain LoRA sums
+                raise ValueError(f"{name}: LoRA variant {type(module.lora_variant[adapter]).__name__} cannot be fused")
+            parent_name, _, child = name.rpartition(".")
+            fused = GatedLoRALinear(
+                module.base_layer,
+                module.lora_A[adapter].weight,
+                module.lora_B[adapter].weight * module.scaling[adapter],
+                self,
+            )
+            setattr(model.get_submodule(parent_name), child, fused)
+        return len(targets)
+
+
+class GatedLoRALinear(nn.Module):
+    """base(x) + gate · (x Aᵀ)(s B)ᵀ: a peft LoRA layer's inference arithmetic, per-row gated.
+
+    Why not peft's own layer: its forward costs ~0.19 ms of Python per call on a 2-core CPU,
+    +7.7 ms on a 15 ms tiny.en decoder step (40 layers). With the gate at 0 the control row
+    gets `base(x) + 0`, bit-identical to the base model.
+    """
+
+    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B_scaled: torch.Tensor, gate: StreamGate):
+        super().__init__()
+        self.base = base
+        self.register_buffer("A_t", lora_A.detach().t().contiguous())
+        self.register_buffer("B_t", lora_B_scaled.detach().t().contiguous())
+        self.stream_gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (x @ self.A_t) @ self.B_t
+        gate = self.stream_gate.gate
+        return self.base(x) + (delta if gate is None else delta * gate.to(delta.dtype))
 
 
 class HFDualStream:

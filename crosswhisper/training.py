@@ -324,10 +324,13 @@ def train(
 
 
 def export_adapter(adapted: AdaptedModel, bundle: WhisperBundle, directory: Path, card: dict) -> None:
-    """Save the adapter in peft format with its record (crosswhisper_adapter.json)."""
+    """Save the adapter in peft format with its record (crosswhisper_adapter.json) and a card."""
     directory.mkdir(parents=True, exist_ok=True)
     save_adapter(adapted.peft_model, directory, bundle, **card)
-    (directory / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    lines = [f"# Predictive-stream adapter for Whisper {card.get('base_model', bundle.name)}", ""]
+    lines += ["Made by `recipes/train_whisper_adapter.py`; every figure below comes from that run.", ""]
+    lines += ["```json", json.dumps(card, indent=2), "```", ""]
+    (directory / "README.md").write_text("\n".join(lines))
 
 
 def tokens_per_forward(

@@ -277,7 +277,9 @@ def load_adapter(bundle: WhisperBundle, adapter) -> AdaptedModel:
     except RuntimeError as error:  # size mismatches: an adapter for another architecture
         raise ValueError(f"adapter {directory} does not fit {bundle.name!r}: {error}") from None
     peft_model.eval()
-    return AdaptedModel(peft_model=peft_model, gate=StreamGate(peft_model), source=str(directory))
+    gate = StreamGate(peft_model)
+    gate.fuse(peft_model)  # inference only: lean gated layers instead of peft's
+    return AdaptedModel(peft_model=peft_model, gate=gate, source=str(directory))
 
 
 @lru_cache(maxsize=4)

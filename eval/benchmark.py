@@ -33,14 +33,20 @@ from crosswhisper.whisper import (  # noqa: E402
     load_adapter,
     logits_processor,
     new_adapter,
+    save_adapter,
 )
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "LibriSpeech" / "test-clean"
 
 
 def _adapter(bundle, spec: str):
+    """The adapter as users get it: a peft directory through `load_adapter` (fused layers)."""
     if spec == "random":  # untrained, non-zero LoRA: the worst case for drafting
-        return new_adapter(bundle, rank=32, random_init=True, seed=0)
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="crosswhisper-random-adapter-")
+        save_adapter(new_adapter(bundle, rank=32, random_init=True, seed=0).peft_model, directory, bundle)
+        spec = directory
     return load_adapter(bundle, spec)
 
 

@@ -26,10 +26,13 @@ GAMMAS = (1, 4, 16)
 
 
 @pytest.fixture(scope="module", params=["tiny.en", "base"])
-def whisper_case(request, test_clean, test_clean_audio):
-    """A model, a random (untrained, non-zero) adapter, and the 7 windows with their greedy reference."""
+def whisper_case(request, test_clean, test_clean_audio, tmp_path_factory):
+    """A model, a random (untrained, non-zero) adapter loaded the way users load one (saved in
+    peft format, then `load_adapter`, fused), and the 7 windows with their greedy reference."""
     bundle = get_bundle(request.param)
-    adapted = new_adapter(bundle, rank=8, random_init=True, seed=0)
+    directory = tmp_path_factory.mktemp("adapter")
+    save_adapter(new_adapter(bundle, rank=8, random_init=True, seed=0).peft_model, directory, bundle)
+    adapted = load_adapter(bundle, directory)
     windows = []
     for utt, _, _ in test_clean:
         hidden = encode(bundle, test_clean_audio[utt])
@@ -75,6 +78,28 @@ def test_transcribe_with_adapter_directory(tmp_path, test_clean):
     assert fast.tokens == reference.tokens
     assert sum(fast.stats.acceptance_histogram) == fast.stats.forward_calls
     assert fast.stats.tokens_per_forward >= 1.0
+
+
+def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, tmp_path):
+    bundle = get_bundle("tiny.en")
+    hooked = new_adapter(bundle, rank=8, random_init=True, seed=2)
+    save_adapter(hooked.peft_model, tmp_path, bundle)
+    fused = load_adapter(bundle, tmp_path)
+    assert not any("lora_" in name for name, _ in fused.peft_model.named_modules())
+    utt = test_clean[0][0]
+    hidden = encode(bundle, test_clean_audio[utt])
+    prompt = decoder_prompt(bundle, "en")
+    outputs = []
+    for adapted in (hooked, fused):
+        model = adapted.peft_model.base_model.model
+        streams = HFDualStream(
+            model.model.decoder, model.proj_out, hidden, process_logits=lambda logits, index: logits,
+            gate=adapted.gate, drafting=True, max_length=448,
+        )
+        streams.reset(1)
+        outputs.append(streams.forward_block(torch.tensor([prompt]), torch.tensor([[262, 290, 11, 262]])))
+    assert torch.equal(outputs[0].control_logits, outputs[1].control_logits)  # control row: the base model
+    assert torch.allclose(outputs[0].predictive_logits, outputs[1].predictive_logits, atol=1e-4)
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):
