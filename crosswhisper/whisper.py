@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
@@ -200,6 +201,13 @@ LORA_TARGET_MODULES = (
     r".*decoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|encoder_attn\.(q_proj|out_proj)|fc1|fc2)"
 )
 ADAPTER_INFO_FILE = "crosswhisper_adapter.json"  # beside peft's files: which base weights it was made for
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"  # trained adapters, one directory per model
+
+
+def shipped_adapter(model_name: str) -> Optional[Path]:
+    """The adapter shipped in the package for a bundled model name, or None when there is none."""
+    directory = SHIPPED_ADAPTERS / model_name
+    return directory if (directory / "adapter_config.json").is_file() else None
 
 
 def lora_config(rank: int = 32, alpha: Optional[int] = None, *, random_init: bool = False):
