@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 from tqdm import tqdm
 
 from .decoding import DecodeOptions
-from .whisper import Transcription, get_bundle, load_adapter, transcribe
+from .whisper import Transcription, get_bundle, resolve_adapter, transcribe
 
 logger = logging.getLogger("crosswhisper")
 
@@ -84,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--adapter",
-        default=None,
-        help="peft adapter directory of the predictive stream: enables cross-regressive decoding",
+        default="auto",
+        help="peft adapter directory of the predictive stream (default: the adapter shipped for the model; "
+        "none ships → no drafting)",
     )
     parser.add_argument("--no-adapter", action="store_true", help="plain greedy decoding (transformers generate)")
-    parser.add_argument("--gamma", type=int, default=16, help="draft slots per forward call (default: %(default)s)")
+    parser.add_argument(
+        "--gamma", type=int, default=None, help="draft slots per forward call (default: 3 on a CPU, 16 on a GPU)"
+    )
     parser.add_argument("--beta", type=float, default=0.0, help="EMA factor in [0, 1); 0 = lossless (default)")
     parser.add_argument("--tau", type=float, default=0.0, help="energy floor ≤ 0; 0 = lossless (default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -116,7 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
     adapter = None if args.no_adapter else args.adapter
     try:  # refuse bad values before loading anything
-        DecodeOptions(gamma=args.gamma, beta=args.beta, tau=args.tau, temperature=args.temperature)
+        DecodeOptions(
+            gamma=args.gamma if args.gamma is not None else 1, beta=args.beta, tau=args.tau, temperature=args.temperature
+        )
     except ValueError as error:
         parser.error(str(error))
     decoding = dict(gamma=args.gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed)
@@ -129,7 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if adapter is not None:
         try:
-            adapter = load_adapter(bundle, adapter)
+            resolved = resolve_adapter(bundle, adapter)
+            # "auto" with no adapter shipped for this model stays "auto": no drafting, own loop
+            adapter = resolved if resolved is not None else adapter
         except (OSError, ValueError) as error:
             logger.error("cannot use adapter %r: %s", adapter, error)
             return 2

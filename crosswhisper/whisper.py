@@ -210,6 +210,27 @@ def shipped_adapter(model_name: str) -> Optional[Path]:
     return directory if (directory / "adapter_config.json").is_file() else None
 
 
+def shipped_adapter_for(bundle: WhisperBundle) -> Optional[Path]:
+    """The shipped adapter made for exactly these base weights (by checksum), whatever the
+    model was called when loaded (bundled name, CTranslate2 directory, ...); None if none."""
+    import json
+
+    for info in sorted(SHIPPED_ADAPTERS.glob(f"*/{ADAPTER_INFO_FILE}")):
+        if json.loads(info.read_text()).get("base_weights_sha256") == bundle.weights_sha256:
+            return info.parent
+    return None
+
+
+# Draft slots per call when the caller does not choose: on a CPU a block's cost grows with its
+# size, so a few slots are fastest (measured: see the adapter card); on a GPU a call costs nearly
+# the same for 1 or 17 tokens, so more slots only add accepted drafts.
+DEFAULT_GAMMA = {"cpu": 3, "cuda": 16}
+
+
+def default_gamma(device: str) -> int:
+    return DEFAULT_GAMMA.get(torch.device(device).type, DEFAULT_GAMMA["cuda"])
+
+
 def lora_config(rank: int = 32, alpha: Optional[int] = None, *, random_init: bool = False):
     """peft LoraConfig for the Whisper decoder; `random_init` gives a non-zero (untrained) delta."""
     from peft import LoraConfig
@@ -295,6 +316,24 @@ def _cached_adapter(bundle: WhisperBundle, adapter: str) -> AdaptedModel:
     return load_adapter(bundle, adapter)
 
 
+def resolve_adapter(
+    bundle: WhisperBundle, adapter: Union[None, str, "os.PathLike", AdaptedModel]
+) -> Optional[AdaptedModel]:
+    """`transcribe`'s adapter argument → a loaded adapter, or None (no drafting).
+
+    "auto" is the shipped adapter for these weights when there is one; a directory is loaded
+    once per process (and refused if it was made for other base weights)."""
+    if adapter is None or isinstance(adapter, AdaptedModel):
+        return adapter
+    if isinstance(adapter, str) and adapter == "auto":
+        directory = shipped_adapter_for(bundle)
+        if directory is None:
+            logger.debug("no adapter ships for %s: decoding without drafts", bundle.name)
+            return None
+        adapter = directory
+    return _cached_adapter(bundle, str(adapter))
+
+
 def logits_processor(bundle: WhisperBundle, prompt_length: int):
     """Whisper's processing of next-token logits, as `generate` applies it without timestamps:
     suppressed tokens everywhere, begin-suppressed tokens at the first generated position."""
@@ -353,8 +392,8 @@ def transcribe(
     audio: AudioInput,
     *,
     model: Union[str, WhisperBundle] = "tiny.en",
-    adapter: Union[None, str, "os.PathLike", AdaptedModel] = None,
-    gamma: int = 16,
+    adapter: Union[None, str, "os.PathLike", AdaptedModel] = "auto",
+    gamma: Optional[int] = None,
     beta: float = 0.0,
     tau: float = 0.0,
     temperature: float = 0.0,
@@ -367,9 +406,13 @@ def transcribe(
     audio: a path to any file soundfile/librosa can read, or a 16 kHz mono float32 array.
     model: a bundled name ("tiny.en", "base"), a Hugging Face id or directory, a faster-whisper
         (CTranslate2) directory, or an already loaded `WhisperBundle`.
-    adapter: a peft adapter directory for `model` → cross-regressive decoding; None → the plain
-        reference decode (transformers `generate`; with gamma=0, our own autoregressive loop).
-    gamma: draft slots verified per forward call (≥ 1 with an adapter; 0 = no drafting).
+    adapter: "auto" (default) → the adapter shipped for these base weights, cross-regressive
+        decoding (lossless unless beta/tau say otherwise); where none ships, crosswhisper's own
+        autoregressive loop (token-identical to greedy). A peft adapter directory or loaded
+        `AdaptedModel` → cross-regressive decoding with it. None → the plain reference decode,
+        transformers `generate` (with gamma=0: our own autoregressive loop).
+    gamma: draft slots verified per forward call (0 = no drafting); None → `DEFAULT_GAMMA` for
+        the device (3 on a CPU, 16 on a GPU).
     beta: EMA factor of the energy test, in [0, 1); 0 with tau=0 is lossless.
     tau: energy floor, ≤ 0; more negative accepts more drafts (lossy, faster).
     temperature: 0 = greedy; > 0 samples (lossless mode keeps the base model's distribution).
@@ -378,17 +421,17 @@ def transcribe(
     device: torch device for the model ("cpu", "cuda").
     """
     # validated before any loading; decode_window caps max_new_tokens at the model's positions
+    if gamma is None:
+        gamma = default_gamma(device)
     options = DecodeOptions(gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=448)
     if adapter is not None and gamma < 1:
-        logger.info("gamma=0: the adapter is loaded but drafting is off")
+        logger.info("gamma=0: no drafting, our own autoregressive loop")
     waveform = load_audio(audio)
     bundle = get_bundle(model, device=device)
     language = validate_language(bundle, language)
     eot = special_id(bundle, "<|endoftext|>")
-    adapted = None
-    if adapter is not None:
-        adapted = adapter if isinstance(adapter, AdaptedModel) else _cached_adapter(bundle, str(adapter))
     use_generate = adapter is None and gamma > 0  # the reference path
+    adapted = resolve_adapter(bundle, adapter)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)

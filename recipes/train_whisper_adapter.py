@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--gamma", type=int, default=16)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--cuts-per-utterance", type=int, default=TrainingConfig.cuts_per_utterance)
+    parser.add_argument("--utterances-per-step", type=int, default=TrainingConfig.utterances_per_step)
+    parser.add_argument("--lr", type=float, default=TrainingConfig.lr)
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="caches and checkpoints")
@@ -81,9 +84,13 @@ def main(argv=None) -> int:
     test_examples = prepare_examples(bundle, test_files, cache_file=work / "test-clean.pt")
     prep_seconds = time.perf_counter() - t0
 
-    config = TrainingConfig(gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed)
+    config = TrainingConfig(
+        gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
+        cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
+    )
     t0 = time.perf_counter()
-    adapted = train(bundle, train_examples, config, output_dir=work / f"run-g{args.gamma}-r{args.rank}-s{args.steps}")
+    run_name = f"run-g{config.gamma}-r{config.rank}-s{config.steps}-c{config.cuts_per_utterance}-u{config.utterances_per_step}"
+    adapted = train(bundle, train_examples, config, output_dir=work / run_name)
     train_seconds = time.perf_counter() - t0
 
     results = {}

@@ -251,3 +251,30 @@ def test_cli_with_adapter(tmp_path, test_clean, capsys):
     assert cli_main([str(path), "--adapter", str(tmp_path / "adapter"), "--gamma", "4", "-o", str(tmp_path)]) == 0
     assert (tmp_path / f"{path.stem}.txt").read_text().strip() == transcribe(path, adapter=None).text
     assert cli_main([str(path), "--adapter", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_default_uses_the_shipped_adapter_losslessly(test_clean):
+    _, path, _ = test_clean[3]
+    reference = transcribe(path, adapter=None)
+    default = transcribe(path)  # adapter="auto": the shipped tiny.en adapter, γ for the CPU
+    assert default.tokens == reference.tokens
+    assert default.stats.tokens_per_forward > 1.0  # drafts were accepted: the adapter is in use
+    assert sum(default.stats.acceptance_histogram) == default.stats.forward_calls
+
+
+def test_default_without_shipped_adapter_is_our_greedy_loop(test_clean):
+    _, path, _ = test_clean[3]
+    if shipped_adapter("base") is not None:
+        pytest.skip("an adapter ships for base")
+    reference = transcribe(path, model="base", adapter=None)
+    default = transcribe(path, model="base")
+    assert default.tokens == reference.tokens and default.stats.tokens_per_forward == 1.0
+
+
+def test_adapter_found_by_weights_not_by_name(tmp_path):
+    from crosswhisper.models import bundled_model_dir
+    from crosswhisper.whisper import shipped_adapter_for
+
+    by_directory = get_bundle(str(bundled_model_dir("tiny.en")))  # same weights, loaded by path
+    assert shipped_adapter_for(by_directory) == shipped_adapter("tiny.en")
+    assert shipped_adapter_for(get_bundle("base")) == shipped_adapter("base")
