@@ -122,7 +122,10 @@ class StreamGate:
     """
 
     def __init__(self, model: nn.Module):
-        self.gate: Optional[torch.Tensor] = None  # [B, 1, 1]; None = adapter on everywhere
+        self._gate: Optional[torch.Tensor] = None
+        # rows [start, stop) with the adapter on, the rest off: lets fused layers compute the
+        # LoRA delta for those rows only; None = use `gate` (a multiplication)
+        self.rows_on: Optional[slice] = None
         self._handles = []
         for name, module in model.named_modules():
             # peft keeps each adapter's B matrix in a ModuleDict `lora_B`; its output is the delta / scaling
@@ -130,6 +133,21 @@ class StreamGate:
                 self._handles.append(module.register_forward_hook(self._hook))
         if not self._handles:
             raise ValueError("the model has no LoRA layers to gate (is it a peft LoRA model?)")
+
+    @property
+    def gate(self) -> Optional[torch.Tensor]:
+        """[B, 1, 1] factor of the LoRA delta per row; None = adapter on everywhere."""
+        return self._gate
+
+    @gate.setter
+    def gate(self, value: Optional[torch.Tensor]) -> None:
+        self._gate, self.rows_on = value, None
+
+    def select(self, rows_on: slice, batch: int, device) -> None:
+        """Adapter on in rows `rows_on` of a batch of `batch` rows, off in the others."""
+        gate = torch.zeros(batch, 1, 1, device=device)
+        gate[rows_on] = 1.0
+        self._gate, self.rows_on = gate, rows_on
 
     def _hook(self, module, inputs, output):
         if self.gate is None:
@@ -181,9 +199,15 @@ class GatedLoRALinear(nn.Module):
         self.stream_gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        rows = self.stream_gate.rows_on
+        if rows is not None:  # the delta of the rows that use it, nothing for the others
+            if rows.start != rows.stop:
+                out[rows] += (x[rows] @ self.A_t) @ self.B_t
+            return out
         delta = (x @ self.A_t) @ self.B_t
         gate = self.stream_gate.gate
-        return self.base(x) + (delta if gate is None else delta * gate.to(delta.dtype))
+        return out + (delta if gate is None else delta * gate.to(delta.dtype))
 
 
 class HFDualStream:
@@ -271,9 +295,9 @@ class HFDualStream:
         kwargs = {}
         if two_rows:
             kwargs["attention_mask"] = self._block_mask(past, r, gamma, device)
-            self.gate.gate = torch.tensor([0.0, 1.0], device=device).view(2, 1, 1)
+            self.gate.select(slice(PREDICTIVE, PREDICTIVE + 1), 2, device)
         elif self.gate is not None:
-            self.gate.gate = torch.zeros(1, 1, 1, device=device)
+            self.gate.select(slice(0, 0), 1, device)
         hidden = self.decoder(
             input_ids=block,
             encoder_hidden_states=self.encoder_hidden_states.expand(rows, -1, -1),

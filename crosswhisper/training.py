@@ -334,10 +334,19 @@ def export_adapter(adapted: AdaptedModel, bundle: WhisperBundle, directory: Path
 
 
 def tokens_per_forward(
-    bundle: WhisperBundle, adapted: AdaptedModel, examples: Sequence[Example], gamma: int
+    bundle: WhisperBundle,
+    adapted: AdaptedModel,
+    examples: Sequence[Example],
+    gamma: int,
+    references: Optional[dict[str, str]] = None,
 ) -> dict:
-    """Lossless greedy decode of every example: tokens per forward and mismatches vs the teacher."""
+    """Lossless greedy decode of every example: tokens per forward, mismatches vs the teacher and,
+    given human transcripts per utterance id, the WER of the decoded text."""
+    from .metrics import word_error_rate
+
     tokens = calls = mismatches = 0
+    eot = special_id(bundle, "<|endoftext|>")
+    hypotheses = {}
     for ex in examples:
         prompt = ex.tokens[: ex.prompt_length].tolist()
         hidden = ex.encoder_states.to(bundle.model.dtype)
@@ -345,4 +354,9 @@ def tokens_per_forward(
         tokens += len(result.tokens)
         calls += result.forward_calls
         mismatches += result.tokens != ex.tokens[ex.prompt_length :].tolist()
-    return {"gamma": gamma, "tokens_per_forward": tokens / calls, "mismatches": mismatches, "utterances": len(examples)}
+        hypotheses[ex.utterance] = bundle.tokenizer.decode([t for t in result.tokens if t < eot]).strip()
+    figures = {"gamma": gamma, "tokens_per_forward": tokens / calls, "mismatches": mismatches, "utterances": len(examples)}
+    if references:
+        scored = [u for u in hypotheses if u in references]
+        figures["wer"] = word_error_rate([references[u] for u in scored], [hypotheses[u] for u in scored])
+    return figures

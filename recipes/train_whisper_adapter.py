@@ -45,6 +45,16 @@ def audio_files(subset: Path, speakers=None, exclude=()) -> list[Path]:
     return [p for p in files if (speakers is None or p.parts[-3] in speakers) and p.parts[-3] not in exclude]
 
 
+def human_transcripts(subset: Path) -> dict[str, str]:
+    """utterance id → reference text, from the LibriSpeech `.trans.txt` files (for WER only)."""
+    references = {}
+    for trans in subset.rglob("*.trans.txt"):
+        for line in trans.read_text().splitlines():
+            utterance, _, text = line.partition(" ")
+            references[utterance] = text
+    return references
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny.en")
@@ -94,10 +104,15 @@ def main(argv=None) -> int:
     train_seconds = time.perf_counter() - t0
 
     results = {}
-    for split, examples in (("dev", dev_examples), ("test-clean", test_examples)):
-        results[split] = [tokens_per_forward(bundle, adapted, examples, g) for g in args.eval_gammas]
+    splits = (("dev", dev_examples, args.train_data), ("test-clean", test_examples, args.test_data))
+    for split, examples, subset in splits:
+        references = human_transcripts(subset)
+        results[split] = [tokens_per_forward(bundle, adapted, examples, g, references) for g in args.eval_gammas]
         for r in results[split]:
-            logging.info("%s γ=%d: %.3f tokens/forward, %d mismatches", split, r["gamma"], r["tokens_per_forward"], r["mismatches"])
+            logging.info(
+                "%s γ=%d: %.3f tokens/forward, %d mismatches, WER %.2f %%",
+                split, r["gamma"], r["tokens_per_forward"], r["mismatches"], 100 * r["wer"],
+            )
     card = {
         "base_model": args.model,
         "base_weights_sha256": bundle.weights_sha256,
