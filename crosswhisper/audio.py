@@ -85,13 +85,13 @@ def _as_mono_float32(data: np.ndarray, *, source: str) -> np.ndarray:
     data = np.asarray(data)
     if data.dtype.kind not in "fiu":
         raise AudioError(f"{source}: audio samples must be numeric, got dtype {data.dtype}")
+    if data.size == 0:
+        raise AudioError(f"{source}: the audio is empty (0 samples)")
     if data.ndim == 2:
         # (channels, samples) from our decoders; average the channels
         data = data.mean(axis=0) if data.shape[0] <= data.shape[1] else data.mean(axis=1)
     elif data.ndim != 1:
         raise AudioError(f"{source}: expected 1-D (or channels × samples) audio, got shape {data.shape}")
-    if data.size == 0:
-        raise AudioError(f"{source}: the audio is empty (0 samples)")
     if data.dtype.kind in "iu":
         data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
     data = data.astype(np.float32, copy=False)
