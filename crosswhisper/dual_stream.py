@@ -2,9 +2,10 @@
 
 Design: *two rows*. Row 0 is the control stream (LoRA delta gated off), row 1 the predictive
 stream (gated on); they run as a batch of two through the unmodified transformers decoder, each
-with its own KV cache row. The gate is a forward hook on every peft `lora_B` that multiplies
-the LoRA delta by a per-row factor, so the adapter stays a standard peft adapter (saved and
-loaded with peft's API) and no layer is re-implemented.
+with its own KV cache row. The adapter stays a standard peft adapter (saved and loaded with
+peft's API): while training, the gate is a forward hook on every peft `lora_B` that multiplies
+the LoRA delta by a per-row factor; for inference `StreamGate.fuse` swaps peft's layers for
+`GatedLoRALinear`, which adds the delta to the predictive row only.
 
 The predictive row does not keep a prefix of its own: after every commit the control row's
 keys/values of the newly committed tokens are copied into it (the A3 two-stream idea: one
@@ -14,13 +15,15 @@ prefix it was trained on, never keys contaminated by the bidirectional draft blo
 
 Why two rows and not one row with per-token gating (the two-stream layout
 [pending, d_1..d_γ | x_last, d_1..d_γ] in one sequence): both do nearly the same arithmetic.
-Measured on this 2-core CPU (`python eval/benchmark.py call_cost`, tiny.en, rank-32 LoRA,
-medians, ratio to a plain single-token step): two rows × 8 / 17 / 33 tokens cost 2.7 / 3.1 /
-4.0×, one row of 15 / 33 / 65 tokens 2.4 / 3.0 / 3.7× — and that one-row figure leaves out the
-per-token LoRA routing and the custom attention layout inside every layer that it would need.
-Two rows use the stock decoder; the ≤ 10 % difference did not pay for a second attention path.
-Where a call's time goes instead: the vocabulary projection (see `project`) and the Python
-overhead of peft's LoRA layers (+7.7 ms on a 15 ms tiny.en step).
+Measured on this 2-core CPU (`python eval/benchmark.py call_cost --blocks 1 8 17 33`, tiny.en,
+rank-32 LoRA, medians of 20, ratio to a plain single-token step of 7.6 ms): two rows × 1 / 8 /
+17 / 33 tokens cost 1.26 / 2.08 / 3.19 / 4.72×, one row of 1 / 15 / 33 / 65 tokens 1.01 / 2.08 /
+3.04 / 4.40× — and that one-row figure leaves out the per-token LoRA routing and the custom
+attention layout inside every layer that it would need. Two rows use the stock decoder; the
+≤ 7 % difference did not pay for a second attention path.
+Where a call's time goes instead: reading the weights (the 80 MB vocabulary projection evicts
+the caches, see `project`), the cross-attention over 1500 audio frames for both rows, and the
+LoRA matmuls (computed for the predictive row only).
 """
 
 from __future__ import annotations
