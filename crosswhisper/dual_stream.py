@@ -71,7 +71,8 @@ class _Projection:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.detach()
-        self.weight_t = self.weight.t().contiguous()
+        # only the CPU layouts read the transposed copy; off the CPU it would only take memory
+        self.weight_t = self.weight.t().contiguous() if self.weight.device.type == "cpu" else None
         self.kernel: dict[int, Callable] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
