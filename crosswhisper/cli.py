@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 from tqdm import tqdm
 
 from .decoding import DecodeOptions
-from .whisper import Transcription, get_bundle, resolve_adapter, transcribe
+from .whisper import Transcription, default_gamma, get_bundle, resolve_adapter, transcribe
 
 logger = logging.getLogger("crosswhisper")
 
@@ -119,12 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
     adapter = None if args.no_adapter else args.adapter
     try:  # refuse bad values before loading anything
-        DecodeOptions(
-            gamma=args.gamma if args.gamma is not None else 1, beta=args.beta, tau=args.tau, temperature=args.temperature
-        )
-    except ValueError as error:
+        gamma = args.gamma if args.gamma is not None else default_gamma(args.device)
+        DecodeOptions(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: torch does not know --device
         parser.error(str(error))
-    decoding = dict(gamma=args.gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed)
+    decoding = dict(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed)
 
     # a model or adapter that cannot load would fail every file: stop here, clearly
     try:
