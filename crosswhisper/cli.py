@@ -1,4 +1,8 @@
-"""`crosswhisper-transcribe FILE... [--model NAME] [--output-format ...] [--output-dir DIR]`."""
+"""Command lines.
+
+    crosswhisper-transcribe FILE... [--model NAME] [--output-format ...] [--output-dir DIR]
+    crosswhisper-generate "PROMPT" [--model NAME] [--raw] [--max-new-tokens N] [--stats]
+"""
 
 from __future__ import annotations
 
@@ -157,6 +161,73 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if failures:
         logger.error("%d of %d file(s) failed", failures, len(args.files))
         return 1
+    return 0
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    from .lm import DEFAULT_LM
+
+    parser = argparse.ArgumentParser(
+        prog="crosswhisper-generate",
+        description="Generate text with a causal LM, decoded by Cross-Regression (lossless by default).",
+    )
+    parser.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    parser.add_argument(
+        "--model", default=DEFAULT_LM,
+        help="bundled name, GGUF file, transformers directory or Hugging Face id (default: %(default)s)",
+    )
+    parser.add_argument("--raw", action="store_true", help="continue the prompt as raw text (no chat template)")
+    parser.add_argument("--system", default=None, help="a system message before the prompt (chat models)")
+    parser.add_argument("--adapter", default="auto", help="peft adapter directory (default: the shipped one)")
+    parser.add_argument("--no-adapter", action="store_true", help="plain transformers generate (the reference)")
+    parser.add_argument("--gamma", type=int, default=None, help="draft slots per forward call (default: 3 on a CPU)")
+    parser.add_argument("--beta", type=float, default=0.0, help="EMA factor in [0, 1); 0 = lossless (default)")
+    parser.add_argument("--tau", type=float, default=0.0, help="energy floor ≤ 0; 0 = lossless (default)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    parser.add_argument("--stats", action="store_true", help="print tokens per forward and timings to stderr")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    return parser
+
+
+def generate_main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import lm
+
+    parser = build_generate_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:  # refuse bad values before loading anything
+        gamma = args.gamma if args.gamma is not None else lm.default_gamma(args.device)
+        DecodeOptions(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
+    try:
+        model = lm.get_lm(args.model, device=args.device)
+    except Exception as error:
+        logger.error("cannot load model %r: %s", args.model, error)
+        return 2
+    chat = not args.raw and bool(getattr(model.tokenizer, "chat_template", None))
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+    try:
+        result = lm.generate(
+            messages if chat else text, model=model, adapter=None if args.no_adapter else args.adapter,
+            gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
+        )
+    except (OSError, ValueError) as error:
+        logger.error("%s", error)
+        return 2
+    print(result.text)
+    if args.stats:
+        s = result.stats
+        print(
+            f"{s.generated_tokens} tokens in {s.forward_calls} forward calls ({s.tokens_per_forward:.2f} per call), "
+            f"{s.decode_seconds:.2f} s, finish: {result.finish_reason}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -89,6 +89,18 @@ class DecodeResult:
         return len(self.tokens) / self.forward_calls if self.forward_calls else 0.0
 
 
+@dataclass(frozen=True)
+class DecodingStats:
+    """Counters and timings of one `transcribe()` or `lm.generate()` call (all windows/rows)."""
+
+    forward_calls: int  # decoder forward calls (one per token for plain greedy)
+    generated_tokens: int  # tokens produced after the prompt, end-of-text included
+    tokens_per_forward: float  # generated_tokens / forward_calls (the paper's "speedup" τ)
+    encode_seconds: float  # wall time in the audio encoder and features (0 for a text LM)
+    decode_seconds: float  # wall time spent decoding tokens (a text LM's prompt prefill included)
+    acceptance_histogram: tuple[int, ...] = ()  # [i] = passes that committed i + 1 tokens
+
+
 def _sample(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Tokens [K] from logits [K, V]: argmax (greedy; no softmax needed) or a sample of
     softmax(logits/T), returned with that distribution (the q̂ a draft must carry)."""
@@ -103,7 +115,7 @@ def decode(
     prompt: Sequence[int],
     *,
     options: DecodeOptions,
-    eos_token_id: int,
+    eos_token_id: Union[int, Sequence[int]],
     placeholder_id: int,
     generator: Optional[torch.Generator] = None,
     device=None,
@@ -112,7 +124,9 @@ def decode(
 
     With β = 0, τ = 0 the output is exactly what the control stream alone would produce:
     token-identical to greedy at T = 0, and distributed as ancestral sampling at T > 0.
+    `eos_token_id`: the token, or tokens, that end the sequence (kept in the output).
     """
+    stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     gamma, sampling = options.gamma, options.temperature > 0
     rule = AcceptanceRule(beta=options.beta, tau=options.tau, gamma=gamma) if gamma else None
     buffer = DraftBuffer.empty(
@@ -148,11 +162,12 @@ def decode(
         new_tokens = buffer.tokens[0, :n].tolist() + [next_token]
         budget = options.max_new_tokens - len(result.tokens)
         new_tokens = new_tokens[:budget]
-        if eos_token_id in new_tokens:
-            new_tokens = new_tokens[: new_tokens.index(eos_token_id) + 1]
+        stop = next((i for i, token in enumerate(new_tokens) if token in stop_ids), None)
+        if stop is not None:
+            new_tokens = new_tokens[: stop + 1]
         result.tokens += new_tokens
         result.accepted[len(new_tokens)] += 1
-        if new_tokens[-1] == eos_token_id or len(result.tokens) >= options.max_new_tokens:
+        if stop is not None or len(result.tokens) >= options.max_new_tokens:
             return result
 
         model.commit(pending.shape[1] + n)

@@ -33,6 +33,8 @@ import logging
 import statistics
 import time
 import weakref
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -214,12 +216,38 @@ class GatedLoRALinear(nn.Module):
         return out + (delta if gate is None else delta * gate.to(delta.dtype))
 
 
-class HFDualStream:
-    """`DualStreamModel` over a transformers decoder with cross-attention (Whisper).
+ADAPTER_INFO_FILE = "crosswhisper_adapter.json"  # beside peft's files: which base weights it was made for
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"  # trained adapters, one directory per model
 
-    decoder: the `WhisperDecoder` (possibly holding peft LoRA layers)
+
+def find_shipped_adapter(weights_sha256: Optional[str], directory: Path = SHIPPED_ADAPTERS) -> Optional[Path]:
+    """The adapter directory under `directory` made for exactly these base weights, or None."""
+    import json
+
+    if not weights_sha256:
+        return None
+    for info in sorted(Path(directory).glob(f"*/{ADAPTER_INFO_FILE}")):
+        if json.loads(info.read_text()).get("base_weights_sha256") == weights_sha256:
+            return info.parent
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class AdaptedModel:
+    """A base model with a LoRA adapter and the per-row stream gate (Whisper or a text LM)."""
+
+    peft_model: nn.Module  # peft PeftModel over a private copy of the base model
+    gate: StreamGate  # switches the adapter per row (control off, predictive on)
+    source: str  # adapter directory ("<new>" for a fresh one)
+
+
+class HFDualStream:
+    """`DualStreamModel` over a transformers decoder: Whisper's (with cross-attention to the
+    audio) or a decoder-only LM's body (`LlamaModel` & co., `encoder_hidden_states=None`).
+
+    decoder: the `WhisperDecoder` or the causal LM's base model (possibly holding LoRA layers)
     lm_head: the output projection (tied embeddings)
-    encoder_hidden_states: [1, frames, d_model] of the current 30 s window
+    encoder_hidden_states: [1, frames, d_model] of the current 30 s window; None for a text LM
     process_logits: the model's logits processors (suppressed tokens, begin-suppress, ...)
     gate: the StreamGate of the adapter, or None for a model without adapter
     drafting: run the predictive row too (needs `gate`); False = control stream alone (γ = 0)
@@ -229,7 +257,7 @@ class HFDualStream:
         self,
         decoder: nn.Module,
         lm_head: nn.Module,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor],
         *,
         process_logits: LogitsProcessor,
         gate: Optional[StreamGate],
@@ -263,9 +291,12 @@ class HFDualStream:
 
         They are computed once per window, from one row, and shared (expanded) by both streams:
         the audio keys/values are not LoRA targets, so both rows would compute the same thing.
+        A text LM gets a plain self-attention cache.
         """
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+        if self.encoder_hidden_states is None:
+            return DynamicCache(config=self.decoder.config)
         if self._audio_keys_values is None:
             self._audio_keys_values = []
             for layer in self.decoder.layers:
@@ -302,9 +333,10 @@ class HFDualStream:
             self.gate.select(slice(PREDICTIVE, PREDICTIVE + 1), 2, device)
         elif self.gate is not None:
             self.gate.select(slice(0, 0), 1, device)
+        if self.encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = self.encoder_hidden_states.expand(rows, -1, -1)
         hidden = self.decoder(
             input_ids=block,
-            encoder_hidden_states=self.encoder_hidden_states.expand(rows, -1, -1),
             past_key_values=self._cache,
             position_ids=positions,
             use_cache=True,
@@ -328,7 +360,7 @@ class HFDualStream:
         causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device))
         allowed[:, 0, :, past:] = causal
         allowed[PREDICTIVE, 0, r:, past + r :] = True
-        mask = torch.zeros(allowed.shape, dtype=self.encoder_hidden_states.dtype, device=device)
+        mask = torch.zeros(allowed.shape, dtype=self.lm_head.weight.dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
 
     @torch.inference_mode()
@@ -336,11 +368,13 @@ class HFDualStream:
         if not 0 < keep <= self._block:
             raise ValueError(f"cannot keep {keep} of a {self._block}-token block")
         start, self.length = self.length, self.length + keep
+        # Whisper's cache pairs self- and cross-attention caches; a text LM's is self-attention only
+        cache = getattr(self._cache, "self_attention_cache", self._cache)
         # transformers 5 crops by a negative count of tokens to remove
-        self._cache.self_attention_cache.crop(-(self._block - keep))
+        cache.crop(-(self._block - keep))
         if self._rows == 2:
             # the predictive row reads the control stream's prefix (see the module docstring)
-            for layer in self._cache.self_attention_cache.layers:
+            for layer in cache.layers:
                 layer.keys[PREDICTIVE, :, start : self.length] = layer.keys[CONTROL, :, start : self.length]
                 layer.values[PREDICTIVE, :, start : self.length] = layer.values[CONTROL, :, start : self.length]
         self._block = 0

@@ -1,7 +1,8 @@
 """Training the predictive stream: LoRA denoising distillation (Algorithm 3, DESIGN §1.4).
 
-Self-distillation: the frozen base model transcribes the training audio greedily (no human
-transcripts); the teacher is the control stream on those tokens. The student (adapter on)
+Self-distillation: the frozen base model transcribes the training audio greedily (Whisper; no
+human transcripts) or continues the training prompts (text LMs); the teacher is the control
+stream on those tokens. The student (adapter on)
 reads the block it will read at inference — the last committed token x_c and γ noisy drafts,
 attending to the *control stream's* keys/values of the prefix (as `dual_stream.HFDualStream`
 does), causally at x_c and bidirectionally among the drafts — and is trained with
@@ -16,6 +17,9 @@ One step on one utterance costs one teacher pass (no grad; its self-attention ke
 are the prefix of every cut, and its cross-attention keys/values are shared by all rows) and
 one student pass over `cuts` blocks of γ+1 tokens. Encoder outputs and transcripts are
 computed once (`prepare_examples`) and cached on disk: this is what makes CPU training practical.
+
+The loop (`train`, `distillation_step`) is model-agnostic: a model enters through a
+`DistillationTask` — `WhisperTask` (encoder-decoder, audio) or `LMTask` (decoder-only text).
 """
 
 from __future__ import annotations
@@ -27,16 +31,16 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
 from .audio import load_audio
 from .decoding import DecodeOptions
-from .dual_stream import project
+from .dual_stream import AdaptedModel, project
+from .lm import LanguageModel
 from .whisper import (
-    AdaptedModel,
     decode_window,
     decoder_prompt,
     encode,
@@ -61,16 +65,40 @@ class TrainingConfig:
     warmup: float = 0.03  # fraction of steps with linear warm-up
     replace_prob: float = 0.15  # extra random replacement of replayed drafts
     placeholder_prob: float = 0.5  # chance that a block's tail holds placeholders (as at inference)
+    # share of true tokens in the replay buffer before the student's first predictions replace
+    # them (the rest random). With few visits per position (long texts, few steps) most drafts
+    # are still these initial ones: truth then teaches the student to echo its drafts, which
+    # inference never rewards (LM run: 0.5 → 1.13 tokens/forward; see the LM adapter's card).
+    replay_truth: float = 0.5
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints (resume point)
 
 
 @dataclass
 class Example:
-    utterance: str  # utterance id
-    encoder_states: torch.Tensor  # [1, frames, d_model], float16 to halve memory
-    tokens: torch.Tensor  # [L] prompt + greedy transcript + end-of-text (the base model's own)
+    utterance: str  # utterance (or prompt) id
+    encoder_states: Optional[torch.Tensor]  # [1, frames, d_model], float16 to halve memory; None for text
+    tokens: torch.Tensor  # [L] prompt + the base model's own greedy output (+ end token)
     prompt_length: int
+
+
+class DistillationTask(Protocol):
+    """What Algorithm 3 needs from a model: its teacher pass and its student's block forward."""
+
+    vocab_size: int
+    placeholder_id: int  # the token of empty draft slots (as at inference)
+
+    def new_adapter(self, rank: int, seed: int) -> AdaptedModel:
+        """A fresh (zero-delta) LoRA adapter on a private copy of the model."""
+
+    def teacher_pass(self, example: Example) -> tuple[torch.Tensor, object]:
+        """Control stream over the whole example: distributions [L, V] (row t = P(x_{t+1} | x_≤t))
+        and its caches (the prefix keys/values the student reads)."""
+
+    def student_logits(
+        self, adapted: AdaptedModel, example: Example, cuts: torch.Tensor, drafts: torch.Tensor, cache
+    ) -> torch.Tensor:
+        """Predictive-stream logits [rows, γ+1, V] for blocks [x_cut, d_1..d_γ], as at inference."""
 
 
 def prepare_examples(
@@ -103,6 +131,74 @@ def prepare_examples(
     return examples
 
 
+def prepare_lm_examples(
+    lm: LanguageModel,
+    prompts: dict,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 1,
+    cache_file: Optional[Path] = None,
+) -> list[Example]:
+    """The base LM's own greedy continuation of every prompt (id → text or chat messages).
+
+    batch_size 1 uses our exact γ=0 loop (the held-out sets: lossless decoding must reproduce
+    them token for token); larger batches use transformers `generate` with left padding, several
+    times faster on a CPU, whose padded rows may differ from single-row greedy by float
+    rounding in rare near-ties: harmless for training targets.
+    """
+    from .lm import decode_tokens, encode_prompt
+
+    key = {"prompts": prompts, "model": lm.weights_sha256, "max_new_tokens": max_new_tokens, "batch": batch_size}
+    if cache_file is not None and cache_file.exists():
+        stored = torch.load(cache_file, weights_only=False)
+        if stored.get("key") == key:
+            return stored["examples"]
+        logger.info("%s is for other prompts or weights; recomputing", cache_file)
+    encoded = [(name, encode_prompt(lm, prompt)) for name, prompt in prompts.items()]
+    continuations = {}
+    progress = tqdm(total=len(encoded), desc="teacher continuations", unit="prompt")
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        if batch_size == 1:
+            name, ids = batch[0]
+            continuations[name] = decode_tokens(
+                lm, ids, adapted=None, options=DecodeOptions(gamma=0, max_new_tokens=max_new_tokens)
+            ).tokens
+        else:
+            continuations.update(_generate_batch(lm, batch, max_new_tokens))
+        progress.update(len(batch))
+    progress.close()
+    examples = [
+        Example(utterance=name, encoder_states=None, tokens=torch.tensor(ids + continuations[name]), prompt_length=len(ids))
+        for name, ids in encoded
+        if continuations[name]
+    ]
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".partial")
+        torch.save({"key": key, "examples": examples}, tmp)
+        tmp.replace(cache_file)
+    return examples
+
+
+def _generate_batch(lm: LanguageModel, batch: list[tuple[str, list[int]]], max_new_tokens: int) -> dict:
+    """Greedy continuations of several prompts in one `generate` call (left padding)."""
+    pad = lm.eos_token_ids[0]
+    width = max(len(ids) for _, ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in batch])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch])
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=list(lm.eos_token_ids), pad_token_id=pad, top_k=None, top_p=None, temperature=None,
+        )
+    continuations = {}
+    for (name, _), row in zip(batch, out[:, width:].tolist()):
+        stop = next((i for i, token in enumerate(row) if token in lm.eos_token_ids), None)
+        continuations[name] = row if stop is None else row[: stop + 1]
+    return continuations
+
+
 def _teacher_pass(bundle: WhisperBundle, example: Example):
     """Base model over the whole transcript: processed teacher distributions and both caches."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -122,14 +218,11 @@ def _teacher_pass(bundle: WhisperBundle, example: Example):
 
 def _student_cache(teacher_cache, rows: int):
     """The teacher's caches repeated for `rows` student rows (prefix = control stream's keys)."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.cache_utils import EncoderDecoderCache
 
-    def repeat(cache):
-        return DynamicCache(
-            [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
-        )
-
-    return EncoderDecoderCache(repeat(teacher_cache.self_attention_cache), repeat(teacher_cache.cross_attention_cache))
+    return EncoderDecoderCache(
+        _repeat_cache(teacher_cache.self_attention_cache, rows), _repeat_cache(teacher_cache.cross_attention_cache, rows)
+    )
 
 
 def block_mask(cuts: torch.Tensor, cached: int, block: int, dtype) -> torch.Tensor:
@@ -156,12 +249,14 @@ def suffix_weights(hits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class ReplayBuffer:
     """Per utterance, the student's latest argmax prediction for every position (its drafts)."""
 
-    def __init__(self, examples: Sequence[Example], gamma: int, vocab: int, placeholder: int, generator):
+    def __init__(
+        self, examples: Sequence[Example], gamma: int, vocab: int, placeholder: int, generator, truth: float = 0.5
+    ):
         self.predictions = {}
         for ex in examples:
-            # start from the truth corrupted at 50 %: early drafts are poor, as they are at inference
+            # start from the truth corrupted at 1 - truth: early drafts are poor, as at inference
             noisy = ex.tokens.clone()
-            flip = torch.rand(noisy.shape, generator=generator) < 0.5
+            flip = torch.rand(noisy.shape, generator=generator) < 1.0 - truth
             noisy[flip] = torch.randint(vocab, (int(flip.sum()),), generator=generator)
             self.predictions[ex.utterance] = torch.cat([noisy, torch.full((gamma + 1,), placeholder)])
 
@@ -197,8 +292,82 @@ def student_logits(
     return project(hidden, whisper.proj_out)
 
 
+def _repeat_cache(cache, rows: int):
+    """A DynamicCache's keys/values repeated (as views) for `rows` student rows."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache([(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers])
+
+
+class WhisperTask:
+    """Algorithm 3 on a Whisper decoder (the audio enters through the cached encoder states)."""
+
+    def __init__(self, bundle: WhisperBundle):
+        self.bundle = bundle
+        self.vocab_size = bundle.model.config.vocab_size
+        self.placeholder_id = special_id(bundle, "<|endoftext|>")
+
+    def new_adapter(self, rank: int, seed: int) -> AdaptedModel:
+        return new_adapter(self.bundle, rank=rank, seed=seed)
+
+    def teacher_pass(self, example: Example):
+        return _teacher_pass(self.bundle, example)
+
+    def student_logits(self, adapted, example, cuts, drafts, cache) -> torch.Tensor:
+        return student_logits(adapted, example, cuts, drafts, cache)
+
+
+class LMTask:
+    """Algorithm 3 on a decoder-only text LM (`lm.LanguageModel`)."""
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+        self.vocab_size = lm.model.config.vocab_size
+        self.placeholder_id = lm.placeholder_id
+
+    def new_adapter(self, rank: int, seed: int) -> AdaptedModel:
+        from .lm import new_adapter as new_lm_adapter
+
+        return new_lm_adapter(self.lm, rank=rank, seed=seed)
+
+    def teacher_pass(self, example: Example):
+        from transformers.cache_utils import DynamicCache
+
+        model = self.lm.model
+        with torch.no_grad():
+            hidden = model.get_decoder()(
+                input_ids=example.tokens.unsqueeze(0).to(model.device),
+                past_key_values=DynamicCache(config=model.config),
+                use_cache=True,
+            )
+            teacher = project(hidden.last_hidden_state, model.get_output_embeddings()).softmax(-1)[0]
+        return teacher, hidden.past_key_values
+
+    def student_logits(self, adapted, example, cuts, drafts, cache) -> torch.Tensor:
+        rows, gamma = drafts.shape
+        block = torch.cat([example.tokens[cuts].view(-1, 1), drafts], dim=1)
+        causal_lm = adapted.peft_model.base_model.model
+        adapted.gate.gate = None  # adapter on in every row: all rows are predictive
+        hidden = causal_lm.get_decoder()(
+            input_ids=block,
+            past_key_values=_repeat_cache(cache, rows),
+            position_ids=cuts.view(-1, 1) + torch.arange(gamma + 1).view(1, -1),
+            attention_mask=block_mask(cuts, example.tokens.shape[0], gamma + 1, causal_lm.dtype),
+            use_cache=True,
+        ).last_hidden_state
+        return project(hidden, causal_lm.get_output_embeddings())
+
+
+def as_task(model: Union[WhisperBundle, LanguageModel, DistillationTask]) -> DistillationTask:
+    if isinstance(model, WhisperBundle):
+        return WhisperTask(model)
+    if isinstance(model, LanguageModel):
+        return LMTask(model)
+    return model
+
+
 def distillation_step(
-    bundle: WhisperBundle,
+    task: Union[WhisperBundle, LanguageModel, DistillationTask],
     adapted: AdaptedModel,
     example: Example,
     replay: ReplayBuffer,
@@ -206,11 +375,11 @@ def distillation_step(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, dict]:
     """Loss of one utterance (backward not called) and statistics."""
+    task = as_task(task)
     gamma, rows = config.gamma, config.cuts_per_utterance
-    placeholder = special_id(bundle, "<|endoftext|>")
-    vocab = bundle.model.config.vocab_size
+    placeholder, vocab = task.placeholder_id, task.vocab_size
     L = example.tokens.shape[0]
-    teacher, cache = _teacher_pass(bundle, example)
+    teacher, cache = task.teacher_pass(example)
 
     # x_c = tokens[cut]: the last committed token; at least one target must follow it
     low, high = example.prompt_length - 1, L - 2
@@ -224,7 +393,7 @@ def distillation_step(
     draft_positions = cuts.view(-1, 1) + torch.arange(1, gamma + 1).view(1, -1)
     drafts = torch.where(tail | (draft_positions >= L), torch.full_like(drafts, placeholder), drafts)
 
-    log_q = student_logits(adapted, example, cuts, drafts, cache).log_softmax(-1)  # [rows, γ+1, V]
+    log_q = task.student_logits(adapted, example, cuts, drafts, cache).log_softmax(-1)  # [rows, γ+1, V]
     positions = cuts.view(-1, 1) + torch.arange(gamma + 1).view(1, -1)
 
     # targets: row i, slot j predicts position cut_i + j + 1
@@ -246,7 +415,7 @@ def distillation_step(
 
 
 def train(
-    bundle: WhisperBundle,
+    task: Union[WhisperBundle, LanguageModel, DistillationTask],
     examples: Sequence[Example],
     config: TrainingConfig,
     *,
@@ -256,22 +425,27 @@ def train(
     """Train a LoRA adapter with checkpoints in output_dir/checkpoint (resumed when present)."""
     from transformers import get_cosine_schedule_with_warmup
 
+    task = as_task(task)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    adapted = new_adapter(bundle, rank=config.rank, seed=config.seed)
+    adapted = task.new_adapter(config.rank, config.seed)
     model = adapted.peft_model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup * config.steps), config.steps)
-    placeholder = special_id(bundle, "<|endoftext|>")
-    replay = ReplayBuffer(examples, config.gamma, bundle.model.config.vocab_size, placeholder, generator)
+    replay = ReplayBuffer(examples, config.gamma, task.vocab_size, task.placeholder_id, generator, config.replay_truth)
     checkpoint = output_dir / "checkpoint"
     step = 0
     if resume and (checkpoint / "state.pt").exists():
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         from peft import set_peft_model_state_dict
+
+        stored = {k: v for k, v in state.get("config", {}).items() if k not in ("steps", "checkpoint_every")}
+        wanted = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every") and k in stored}
+        if stored != wanted:
+            raise ValueError(f"{checkpoint} holds a run with another configuration ({stored}); use another output_dir")
 
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
@@ -289,7 +463,7 @@ def train(
         stats = []
         for _ in range(config.utterances_per_step):
             example = examples[order[int(torch.randint(len(order), (1,), generator=generator))]]
-            loss, info = distillation_step(bundle, adapted, example, replay, config, generator)
+            loss, info = distillation_step(task, adapted, example, replay, config, generator)
             (loss / config.utterances_per_step).backward()
             stats.append((loss.item(), info["hits"], info["run"]))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -334,29 +508,35 @@ def export_adapter(adapted: AdaptedModel, bundle: WhisperBundle, directory: Path
 
 
 def tokens_per_forward(
-    bundle: WhisperBundle,
+    model: Union[WhisperBundle, LanguageModel],
     adapted: AdaptedModel,
     examples: Sequence[Example],
     gamma: int,
     references: Optional[dict[str, str]] = None,
 ) -> dict:
     """Lossless greedy decode of every example: tokens per forward, mismatches vs the teacher and,
-    given human transcripts per utterance id, the WER of the decoded text."""
+    for Whisper given human transcripts per utterance id, the WER of the decoded text."""
+    from .lm import decode_tokens
     from .metrics import word_error_rate
 
     tokens = calls = mismatches = 0
-    eot = special_id(bundle, "<|endoftext|>")
     hypotheses = {}
     for ex in examples:
         prompt = ex.tokens[: ex.prompt_length].tolist()
-        hidden = ex.encoder_states.to(bundle.model.dtype)
-        result = decode_window(bundle, hidden, prompt, adapted=adapted, options=DecodeOptions(gamma=gamma))
+        if isinstance(model, LanguageModel):
+            # the same budget as the teacher's continuation (which may have stopped at the limit)
+            options = DecodeOptions(gamma=gamma, max_new_tokens=ex.tokens.shape[0] - ex.prompt_length)
+            result = decode_tokens(model, prompt, adapted=adapted, options=options)
+        else:
+            hidden = ex.encoder_states.to(model.model.dtype)
+            result = decode_window(model, hidden, prompt, adapted=adapted, options=DecodeOptions(gamma=gamma))
+            eot = special_id(model, "<|endoftext|>")
+            hypotheses[ex.utterance] = model.tokenizer.decode([t for t in result.tokens if t < eot]).strip()
         tokens += len(result.tokens)
         calls += result.forward_calls
         mismatches += result.tokens != ex.tokens[ex.prompt_length :].tolist()
-        hypotheses[ex.utterance] = bundle.tokenizer.decode([t for t in result.tokens if t < eot]).strip()
     figures = {"gamma": gamma, "tokens_per_forward": tokens / calls, "mismatches": mismatches, "utterances": len(examples)}
-    if references:
+    if references and hypotheses:
         scored = [u for u in hypotheses if u in references]
         figures["wer"] = word_error_rate([references[u] for u in scored], [hypotheses[u] for u in scored])
     return figures

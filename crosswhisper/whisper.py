@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .audio import CHUNK_SAMPLES, SAMPLE_RATE, AudioInput, load_audio
-from .decoding import DecodeOptions, decode
-from .dual_stream import HFDualStream, StreamGate
+from .decoding import DecodeOptions, DecodingStats, decode
+from .dual_stream import ADAPTER_INFO_FILE, AdaptedModel, HFDualStream, StreamGate, find_shipped_adapter
 from .models import WhisperBundle, load_whisper
 
 logger = logging.getLogger(__name__)
@@ -31,16 +31,6 @@ logger = logging.getLogger(__name__)
 # Peak amplitude below which a window is digital silence (about -80 dBFS): Whisper tends to
 # hallucinate a phrase on pure silence, so such a window is not decoded at all.
 SILENCE_PEAK = 1e-4
-
-
-@dataclass(frozen=True)
-class DecodingStats:
-    forward_calls: int  # decoder forward calls (one per token for plain greedy)
-    generated_tokens: int  # tokens produced after the prompt, end-of-text included
-    tokens_per_forward: float  # generated_tokens / forward_calls (the paper's "speedup" τ)
-    encode_seconds: float  # wall time spent in the encoder (and feature extraction)
-    decode_seconds: float  # wall time spent decoding tokens
-    acceptance_histogram: tuple[int, ...] = ()  # [i] = passes that committed i + 1 tokens
 
 
 @dataclass(frozen=True)
@@ -200,7 +190,6 @@ def generate_greedy(
 LORA_TARGET_MODULES = (
     r".*decoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|encoder_attn\.(q_proj|out_proj)|fc1|fc2)"
 )
-ADAPTER_INFO_FILE = "crosswhisper_adapter.json"  # beside peft's files: which base weights it was made for
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"  # trained adapters, one directory per model
 
 
@@ -213,12 +202,7 @@ def shipped_adapter(model_name: str) -> Optional[Path]:
 def shipped_adapter_for(bundle: WhisperBundle) -> Optional[Path]:
     """The shipped adapter made for exactly these base weights (by checksum), whatever the
     model was called when loaded (bundled name, CTranslate2 directory, ...); None if none."""
-    import json
-
-    for info in sorted(SHIPPED_ADAPTERS.glob(f"*/{ADAPTER_INFO_FILE}")):
-        if json.loads(info.read_text()).get("base_weights_sha256") == bundle.weights_sha256:
-            return info.parent
-    return None
+    return find_shipped_adapter(bundle.weights_sha256, SHIPPED_ADAPTERS)
 
 
 # Draft slots per call when the caller does not choose: on a CPU a block's cost grows with its
@@ -244,15 +228,6 @@ def lora_config(rank: int = 32, alpha: Optional[int] = None, *, random_init: boo
         # worst case for drafting and the honest test of exactness
         init_lora_weights=not random_init,
     )
-
-
-@dataclass(frozen=True, eq=False)
-class AdaptedModel:
-    """The base model's decoder with a LoRA adapter and the per-row stream gate."""
-
-    peft_model: torch.nn.Module  # peft PeftModel over a private copy of the base model
-    gate: StreamGate  # switches the adapter per row (control off, predictive on)
-    source: str  # adapter directory
 
 
 def save_adapter(peft_model, directory, bundle: WhisperBundle, **card) -> None:

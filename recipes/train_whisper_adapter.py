@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     )
     t0 = time.perf_counter()
     run_name = f"run-g{config.gamma}-r{config.rank}-s{config.steps}-c{config.cuts_per_utterance}-u{config.utterances_per_step}"
+    if config.replay_truth != TrainingConfig.replay_truth:
+        run_name += f"-t{config.replay_truth:g}"
+    if config.lr != TrainingConfig.lr:
+        run_name += f"-lr{config.lr:g}"
     adapted = train(bundle, train_examples, config, output_dir=work / run_name)
     train_seconds = time.perf_counter() - t0
 

@@ -1,11 +1,9 @@
 """Cross-regressive decoding of real Whisper models on real audio, and of a tiny random Whisper
 whose sequence distribution can be enumerated."""
 
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chisquare
+from sampling_check import LENGTH, START, V, assert_samples_follow, sequence_probabilities, teacher_forcing_inputs
 
 from crosswhisper import transcribe
 from crosswhisper.decoding import DecodeOptions, decode
@@ -161,8 +159,6 @@ def test_invalid_decoding_values_are_refused(kwargs, test_clean):
 
 # --- sampling exactness through the real dual-stream module, on an enumerable Whisper ---------
 
-V, LENGTH, SOT = 5, 3, 0
-
 
 @pytest.fixture
 def one_thread():
@@ -207,35 +203,24 @@ def _streams(peft_model, gate, encoder_states, drafting):
 def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_thread):
     peft_model, gate, encoder_states = tiny_random_whisper
     # exact sequence probabilities of the control stream (adapter off), by teacher forcing
-    sequences = list(itertools.product(range(V), repeat=LENGTH))
-    inputs = torch.tensor([[SOT, *seq[:-1]] for seq in sequences])
+    inputs = teacher_forcing_inputs()
     gate.gate = torch.zeros(1, 1, 1)
     with torch.no_grad():
         logits = peft_model.base_model.model(
-            encoder_outputs=(encoder_states.expand(len(sequences), -1, -1),), decoder_input_ids=inputs
+            encoder_outputs=(encoder_states.expand(len(inputs), -1, -1),), decoder_input_ids=inputs
         ).logits
     gate.gate = None
-    logp = logits.log_softmax(-1).gather(-1, torch.tensor(sequences).unsqueeze(-1)).squeeze(-1).sum(-1)
-    exact = logp.exp().double()
-    exact /= exact.sum()
+    exact = sequence_probabilities(logits)
 
-    n = 2000
     g = torch.Generator().manual_seed(7)
     streams = _streams(peft_model, gate, encoder_states, drafting=True)
     options = DecodeOptions(gamma=3, temperature=1.0, max_new_tokens=LENGTH)
-    counts = torch.zeros(len(sequences))
-    calls = 0
-    for _ in range(n):
-        out = decode(streams, [SOT], options=options, eos_token_id=-1, placeholder_id=1, generator=g)
-        counts[sequences.index(tuple(out.tokens))] += 1
-        calls += out.forward_calls
-    assert calls < n * LENGTH  # drafts were accepted at all: the test exercises acceptance
-    expected = exact * n
-    big = expected >= 5  # merge rare sequences into one bin for the chi-square approximation
-    observed = torch.cat([counts[big], counts[~big].sum().view(1)]).numpy()
-    expected = torch.cat([expected[big], expected[~big].sum().view(1)]).numpy()
-    p = chisquare(observed, expected).pvalue
-    assert p > 1e-3, f"cross-regressive sampling deviates from ancestral sampling (p = {p:.2e})"
+
+    def sample():
+        out = decode(streams, [START], options=options, eos_token_id=-1, placeholder_id=1, generator=g)
+        return out.tokens, out.forward_calls
+
+    assert_samples_follow(exact, sample)
 
 
 @pytest.mark.parametrize("flags", [["--beta", "1"], ["--tau", "0.5"], ["--gamma", "-2"], ["--temperature", "-1"]])

@@ -1,0 +1,213 @@
+"""Text LMs on the same core: the bundled SmolLM2-135M-Instruct (GGUF, offline) decoded by
+Cross-Regression must give exactly what transformers `generate` gives, and a toy Llama whose
+sequences can be enumerated must sample exactly the base distribution."""
+
+import json
+
+import pytest
+import torch
+from sampling_check import LENGTH, START, V, assert_samples_follow, sequence_probabilities, teacher_forcing_inputs
+
+from crosswhisper import lm as text_lm
+from crosswhisper.decoding import DecodeOptions
+from crosswhisper.lm import (
+    DEFAULT_LM,
+    Generation,
+    LanguageModel,
+    decode_tokens,
+    encode_prompt,
+    generate,
+    generate_reference,
+    get_lm,
+    load_adapter,
+    new_adapter,
+    save_adapter,
+    shipped_adapter_for,
+    weights_fingerprint,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+    [{"role": "user", "content": "List three uses of copper."}],
+    "The history of the printing press",  # raw text: continued as is
+]
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return get_lm(DEFAULT_LM)
+
+
+@pytest.fixture(scope="module")
+def references(smollm):
+    """transformers `generate` greedy for every prompt: the reference of exactness."""
+    return [generate_reference(smollm, encode_prompt(smollm, p), temperature=0, max_new_tokens=MAX_NEW) for p in PROMPTS]
+
+
+def test_bundled_model_loads_offline_with_its_chat_template(smollm):
+    assert smollm.model.config.model_type == "llama"
+    ids = encode_prompt(smollm, PROMPTS[0])
+    text = smollm.tokenizer.decode(ids)
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")  # the assistant turn is opened
+    assert smollm.tokenizer.convert_ids_to_tokens(list(smollm.eos_token_ids)) == ["<|im_end|>"]
+
+
+@pytest.mark.parametrize("gamma", [0, 1, 4])
+def test_random_adapter_greedy_is_token_identical_to_generate(smollm, references, gamma):
+    adapted = new_adapter(smollm, rank=8, random_init=True, seed=1)  # the worst drafter
+    for prompt, reference in zip(PROMPTS, references):
+        out = decode_tokens(
+            smollm, encode_prompt(smollm, prompt), adapted=adapted, options=DecodeOptions(gamma=gamma, max_new_tokens=MAX_NEW)
+        )
+        assert out.tokens == reference, prompt
+
+
+def test_shipped_adapter_greedy_is_token_identical_and_drafts(smollm, references):
+    assert shipped_adapter_for(smollm) is not None, "no adapter ships for the bundled SmolLM2"
+    for prompt, reference in zip(PROMPTS, references):
+        out = generate(prompt, model=smollm, max_new_tokens=MAX_NEW)  # adapter="auto", default γ
+        assert list(out.tokens) == reference, prompt
+        assert out.stats.forward_calls <= len(reference)
+
+
+def test_shipped_adapter_drafts_over_1_5_tokens_per_forward_on_held_out_prompts(smollm):
+    """The held-out prompts (other books than the training prompts) recorded beside the adapter."""
+    directory = shipped_adapter_for(smollm)
+    prompts = json.loads((directory / "held_out_prompts.json").read_text())
+    tokens = calls = 0
+    for messages in list(prompts.values())[:6]:
+        ids = encode_prompt(smollm, messages)
+        out = generate(messages, model=smollm, max_new_tokens=64)
+        assert list(out.tokens) == generate_reference(smollm, ids, temperature=0, max_new_tokens=64)
+        tokens += out.stats.generated_tokens
+        calls += out.stats.forward_calls
+    assert tokens / calls > 1.5, f"{tokens / calls:.3f} tokens per forward"
+
+
+def test_generate_result_and_reference_path(smollm, references):
+    out = generate(PROMPTS[0], model=smollm, adapter=None, max_new_tokens=MAX_NEW)
+    assert isinstance(out, Generation)
+    assert list(out.tokens) == references[0] and out.finish_reason == "stop"
+    assert "Paris" in out.text and "<|im_end|>" not in out.text
+    short = generate(PROMPTS[1], model=smollm, max_new_tokens=5)
+    assert len(short.tokens) == 5 and short.finish_reason == "length"
+    assert short.stats.generated_tokens == 5 and short.stats.forward_calls >= 1
+
+
+def test_sampling_is_reproducible_with_a_seed(smollm):
+    a = generate(PROMPTS[1], model=smollm, temperature=0.8, seed=3, max_new_tokens=20)
+    b = generate(PROMPTS[1], model=smollm, temperature=0.8, seed=3, max_new_tokens=20)
+    assert a.tokens == b.tokens
+
+
+def test_bad_input_is_refused(smollm, tmp_path):
+    with pytest.raises(TypeError):
+        generate(42, model=smollm)
+    with pytest.raises(ValueError):
+        generate("hi", model=smollm, beta=1.5)
+    with pytest.raises(FileNotFoundError):
+        text_lm.load_lm(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError):
+        text_lm.load_lm(str(tmp_path))  # a directory without config.json
+
+
+def test_adapter_for_other_weights_is_refused(smollm, tmp_path):
+    adapted = new_adapter(smollm, rank=2, seed=0)
+    other = LanguageModel(name="other", model=smollm.model, tokenizer=smollm.tokenizer, weights_sha256="0" * 64)
+    save_adapter(adapted, tmp_path / "adapter", other)
+    with pytest.raises(ValueError, match="made for base model"):
+        load_adapter(smollm, tmp_path / "adapter")
+    from crosswhisper.whisper import shipped_adapter
+
+    with pytest.raises(ValueError):  # a Whisper adapter on a text LM
+        load_adapter(smollm, shipped_adapter("tiny.en"))
+
+
+# --- sampling exactness through lm.py, on an enumerable toy Llama ----------------------------
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=0, eos_token_id=V,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = V  # outside the vocabulary: every sequence runs LENGTH tokens
+    with torch.no_grad():  # sharpen the random model so that P is far from uniform
+        model.lm_head.weight.mul_(8.0)
+    toy = LanguageModel(name="toy-llama", model=model, tokenizer=None, weights_sha256=weights_fingerprint(model))
+    return toy, new_adapter(toy, rank=4, random_init=True, seed=0)
+
+
+def test_sampling_lossless_matches_ancestral_sampling(toy_llama, one_thread):
+    toy, adapted = toy_llama
+    with torch.no_grad():
+        exact = sequence_probabilities(toy.model(teacher_forcing_inputs()).logits)
+    g = torch.Generator().manual_seed(7)
+    options = DecodeOptions(gamma=3, temperature=1.0, max_new_tokens=LENGTH)
+
+    def sample():
+        out = decode_tokens(toy, [START], adapted=adapted, options=options, generator=g)
+        return out.tokens, out.forward_calls
+
+    assert_samples_follow(exact, sample)
+
+
+def test_lm_student_sees_what_the_predictive_stream_sees_at_inference(toy_llama):
+    """Algorithm 3 on a text LM trains on exactly the block inference computes."""
+    from crosswhisper.dual_stream import HFDualStream
+    from crosswhisper.training import Example, LMTask
+
+    toy, adapted = toy_llama
+    tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
+    example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=1)
+    task = LMTask(toy)
+    cut, drafts = 5, torch.tensor([[3, 0, toy.placeholder_id]])
+    _, cache = task.teacher_pass(example)
+    with torch.no_grad():
+        train_logits = task.student_logits(adapted, example, torch.tensor([cut]), drafts, cache)[0]
+
+    causal_lm = adapted.peft_model.base_model.model
+    streams = HFDualStream(
+        causal_lm.get_decoder(), causal_lm.get_output_embeddings(), None,
+        process_logits=lambda logits, index: logits, gate=adapted.gate, drafting=True, max_length=16,
+    )
+    streams.reset(1)
+    streams.forward_block(tokens[:cut].view(1, -1), torch.empty(1, 0, dtype=torch.long))
+    streams.commit(cut)
+    infer_logits = streams.forward_block(tokens[cut : cut + 1].view(1, -1), drafts).predictive_logits[0]
+    assert torch.allclose(train_logits, infer_logits, atol=1e-4)
+
+
+def test_lm_training_steps_checkpoint_and_resume(toy_llama, tmp_path):
+    from crosswhisper.training import Example, TrainingConfig, train
+
+    toy, _ = toy_llama
+    g = torch.Generator().manual_seed(0)
+    examples = [
+        Example(utterance=str(i), encoder_states=None, tokens=torch.randint(V, (12,), generator=g), prompt_length=2)
+        for i in range(3)
+    ]
+    config = TrainingConfig(gamma=3, rank=2, steps=2, cuts_per_utterance=2, utterances_per_step=1, checkpoint_every=1)
+    train(toy, examples, config, output_dir=tmp_path)
+    adapted = train(toy, examples, TrainingConfig(**{**config.__dict__, "steps": 3}), output_dir=tmp_path)
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    assert any(p.abs().sum() > 0 for n, p in adapted.peft_model.named_parameters() if "lora_B" in n)
+    with pytest.raises(ValueError, match="another configuration"):  # never resume someone else's run
+        train(toy, examples, TrainingConfig(**{**config.__dict__, "rank": 4}), output_dir=tmp_path)
