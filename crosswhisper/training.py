@@ -2,8 +2,7 @@
 
 Self-distillation: the frozen base model transcribes the training audio greedily (Whisper; no
 human transcripts) or continues the training prompts (text LMs); the teacher is the control
-stream on those tokens. The student (adapter on)
-reads the block it will read at inference — the last committed token x_c and γ noisy drafts,
+stream on those tokens. The student (adapter on) reads the block it will read at inference — the last committed token x_c and γ noisy drafts,
 attending to the *control stream's* keys/values of the prefix (as `dual_stream.HFDualStream`
 does), causally at x_c and bidirectionally among the drafts — and is trained with
 

@@ -2,6 +2,7 @@
 
     python eval/lm_benchmark.py                                  # bundled SmolLM2, shipped adapter
     python eval/lm_benchmark.py --gammas 2 3 4 8 --prompts 24 --max-new-tokens 128
+    python eval/lm_benchmark.py --call-cost                      # one decoder call per block size
 
 Per prompt, after a warm-up, the systems run interleaved in one process: `generate` greedy
 (the reference), our own autoregressive loop (γ = 0), and lossless Cross-Regression at each
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosswhisper.decoding import DecodeOptions  # noqa: E402
+from crosswhisper.dual_stream import HFDualStream  # noqa: E402
 from crosswhisper.lm import (  # noqa: E402
     DEFAULT_LM,
     decode_tokens,
@@ -34,6 +36,39 @@ from crosswhisper.lm import (  # noqa: E402
     load_adapter,
     shipped_adapter_for,
 )
+
+
+def call_cost(lm, adapted, prefix: list[int], gammas, repeats: int = 20) -> dict:
+    """Median time of one call after a committed prefix: 1 row × 1 token (a plain step) vs
+    2 rows × (1 + γ) tokens (both streams), as ratios to the plain step; interleaved."""
+    import statistics
+
+    causal_lm = adapted.peft_model.base_model.model
+
+    def streams(drafting):
+        s = HFDualStream(
+            causal_lm.get_decoder(), causal_lm.get_output_embeddings(), None,
+            process_logits=lambda logits, index: logits, gate=adapted.gate, drafting=drafting,
+            max_length=lm.model.config.max_position_embeddings,
+        )
+        s.reset(1)
+        s.forward_block(torch.tensor([prefix[:-1]]), torch.empty(1, 0, dtype=torch.long))
+        s.commit(len(prefix) - 1)
+        return s
+
+    shapes = {0: streams(False), **{g: streams(True) for g in gammas}}
+    times = {g: [] for g in shapes}
+    last = torch.tensor([prefix[-1:]])
+    for _ in range(repeats + 2):  # the first two rounds warm up
+        for g, s in shapes.items():
+            t0 = time.perf_counter()
+            s.forward_block(last, torch.full((1, g), prefix[-1]))
+            times[g].append(time.perf_counter() - t0)
+            s.commit(1)
+            s._cache.crop(-1)  # back to the same prefix length
+            s.length -= 1
+    step = statistics.median(times[0][2:])
+    return {"single_step_ms": round(1000 * step, 2), **{f"2 rows x {1 + g}": round(statistics.median(times[g][2:]) / step, 3) for g in gammas}}
 
 
 def main(argv=None) -> int:
@@ -46,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--call-cost", action="store_true", help="only time one call per block size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -57,6 +93,9 @@ def main(argv=None) -> int:
     prompts_file = args.prompts_file or directory / "held_out_prompts.json"
     prompts = list(json.loads(prompts_file.read_text()).values())[: args.prompts]
     encoded = [encode_prompt(lm, p) for p in prompts]
+    if args.call_cost:
+        print(json.dumps(call_cost(lm, adapted, (encoded[0] * 3)[:120], args.gammas), indent=2))
+        return 0
 
     def reference(ids):
         return generate_reference(lm, ids, temperature=0, max_new_tokens=args.max_new_tokens), None
