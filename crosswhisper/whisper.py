@@ -23,7 +23,14 @@ import torch
 
 from .audio import CHUNK_SAMPLES, SAMPLE_RATE, AudioInput, load_audio
 from .decoding import DecodeOptions, DecodingStats, decode
-from .dual_stream import ADAPTER_INFO_FILE, AdaptedModel, HFDualStream, StreamGate, find_shipped_adapter
+from .dual_stream import (
+    ADAPTER_INFO_FILE,
+    SHIPPED_ADAPTERS,  # a name of this module too: tests point it at another directory
+    AdaptedModel,
+    HFDualStream,
+    StreamGate,
+    find_shipped_adapter,
+)
 from .models import WhisperBundle, load_whisper
 
 logger = logging.getLogger(__name__)
@@ -190,7 +197,6 @@ def generate_greedy(
 LORA_TARGET_MODULES = (
     r".*decoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|encoder_attn\.(q_proj|out_proj)|fc1|fc2)"
 )
-SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"  # trained adapters, one directory per model
 
 
 def shipped_adapter(model_name: str) -> Optional[Path]:
