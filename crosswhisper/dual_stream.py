@@ -241,6 +241,56 @@ class AdaptedModel:
     source: str  # adapter directory ("<new>" for a fresh one)
 
 
+def load_adapter_for(
+    base_model: nn.Module, adapter, *, name: str, weights_sha256: Optional[str], vocab_size: int
+) -> AdaptedModel:
+    """Load a peft adapter directory onto a private copy of `base_model` (gated, fused for
+    inference), refusing one whose record names other base weights or another vocabulary."""
+    import json
+
+    from peft import PeftModel
+
+    if isinstance(adapter, AdaptedModel):
+        return adapter
+    directory = Path(adapter)
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"not a peft adapter directory (no adapter_config.json): {directory}")
+    info_path = directory / ADAPTER_INFO_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        want = info.get("base_weights_sha256")
+        if info.get("vocab_size") not in (None, vocab_size) or (want and weights_sha256 and want != weights_sha256):
+            raise ValueError(
+                f"adapter {directory} was made for base model {info.get('base_model')!r} "
+                f"(weights {str(want)[:12]}), not for {name!r} (weights {str(weights_sha256)[:12]})"
+            )
+    try:
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(directory))
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another model
+        raise ValueError(f"adapter {directory} does not fit {name!r}: {error}") from None
+    peft_model.eval()
+    gate = StreamGate(peft_model)
+    gate.fuse(peft_model)  # inference only: lean gated layers instead of peft's
+    return AdaptedModel(peft_model=peft_model, gate=gate, source=str(directory))
+
+
+def resolve_adapter_argument(
+    adapter, *, name: str, shipped: Callable[[], Optional[Path]], load: Callable[[str], AdaptedModel]
+) -> Optional[AdaptedModel]:
+    """A user's adapter argument → a loaded adapter, or None (no drafting): "auto" is the
+    shipped adapter for these weights (`shipped()`, None if none ships); a directory goes
+    through `load` (cached by the caller); an `AdaptedModel` or None is returned as is."""
+    if adapter is None or isinstance(adapter, AdaptedModel):
+        return adapter
+    if isinstance(adapter, str) and adapter == "auto":
+        directory = shipped()
+        if directory is None:
+            logger.debug("no adapter ships for %s: decoding without drafts", name)
+            return None
+        adapter = directory
+    return load(str(adapter))
+
+
 class HFDualStream:
     """`DualStreamModel` over a transformers decoder: Whisper's (with cross-attention to the
     audio) or a decoder-only LM's body (`LlamaModel` & co., `encoder_hidden_states=None`).

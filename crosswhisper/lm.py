@@ -29,7 +29,16 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .decoding import DecodeOptions, DecodeResult, DecodingStats, decode
-from .dual_stream import ADAPTER_INFO_FILE, SHIPPED_ADAPTERS, AdaptedModel, HFDualStream, StreamGate, find_shipped_adapter
+from .dual_stream import (
+    ADAPTER_INFO_FILE,
+    SHIPPED_ADAPTERS,
+    AdaptedModel,
+    HFDualStream,
+    StreamGate,
+    find_shipped_adapter,
+    load_adapter_for,
+    resolve_adapter_argument,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -218,29 +227,9 @@ def save_adapter(adapted: AdaptedModel, directory: Path, lm: LanguageModel, **ca
 
 def load_adapter(lm: LanguageModel, adapter: Union[str, os.PathLike, AdaptedModel]) -> AdaptedModel:
     """Load a peft adapter directory for `lm`, refusing one made for other base weights."""
-    from peft import PeftModel
-
-    if isinstance(adapter, AdaptedModel):
-        return adapter
-    directory = Path(adapter)
-    if not (directory / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"not a peft adapter directory (no adapter_config.json): {directory}")
-    info_path = directory / ADAPTER_INFO_FILE
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("base_weights_sha256") not in (None, lm.weights_sha256):
-            raise ValueError(
-                f"adapter {directory} was made for base model {info.get('base_model')!r} "
-                f"(weights {str(info.get('base_weights_sha256'))[:12]}), not for {lm.name!r} "
-                f"(weights {lm.weights_sha256[:12]})"
-            )
-    try:
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(directory)).eval()
-    except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another model
-        raise ValueError(f"adapter {directory} does not fit {lm.name!r}: {error}") from None
-    gate = StreamGate(peft_model)
-    gate.fuse(peft_model)  # inference only: lean gated layers instead of peft's
-    return AdaptedModel(peft_model=peft_model, gate=gate, source=str(directory))
+    return load_adapter_for(
+        lm.model, adapter, name=lm.name, weights_sha256=lm.weights_sha256, vocab_size=lm.model.config.vocab_size
+    )
 
 
 def shipped_adapter_for(lm: LanguageModel) -> Optional[Path]:
@@ -256,15 +245,10 @@ def _cached_adapter(lm: LanguageModel, directory: str) -> AdaptedModel:
 def resolve_adapter(lm: LanguageModel, adapter) -> Optional[AdaptedModel]:
     """"auto" → the shipped adapter for these weights (None if none ships); a directory is
     loaded once per process; an `AdaptedModel` or None is returned as is."""
-    if adapter is None or isinstance(adapter, AdaptedModel):
-        return adapter
-    if isinstance(adapter, str) and adapter == "auto":
-        directory = shipped_adapter_for(lm)
-        if directory is None:
-            logger.debug("no adapter ships for %s: decoding without drafts", lm.name)
-            return None
-        adapter = directory
-    return _cached_adapter(lm, str(adapter))
+    return resolve_adapter_argument(
+        adapter, name=lm.name, shipped=lambda: shipped_adapter_for(lm),
+        load=lambda directory: _cached_adapter(lm, directory),
+    )
 
 
 # --- decoding -----------------------------------------------------------------------------

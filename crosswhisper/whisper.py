@@ -30,6 +30,8 @@ from .dual_stream import (
     HFDualStream,
     StreamGate,
     find_shipped_adapter,
+    load_adapter_for,
+    resolve_adapter_argument,
 )
 from .models import WhisperBundle, load_whisper
 
@@ -262,34 +264,10 @@ def new_adapter(bundle: WhisperBundle, *, rank: int = 32, random_init: bool = Fa
 
 def load_adapter(bundle: WhisperBundle, adapter) -> AdaptedModel:
     """Load a peft adapter directory for `bundle`, refusing one made for other base weights."""
-    import copy
-    import json
-    from pathlib import Path
-
-    from peft import PeftModel
-
-    if isinstance(adapter, AdaptedModel):
-        return adapter
-    directory = Path(adapter)
-    if not (directory / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"not a peft adapter directory (no adapter_config.json): {directory}")
-    info_path = directory / ADAPTER_INFO_FILE
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        want, have = info.get("base_weights_sha256"), bundle.weights_sha256
-        if info.get("vocab_size") not in (None, bundle.model.config.vocab_size) or (want and have and want != have):
-            raise ValueError(
-                f"adapter {directory} was made for base model {info.get('base_model')!r} "
-                f"(weights {str(want)[:12]}), not for {bundle.name!r} (weights {str(have)[:12]})"
-            )
-    try:
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(bundle.model), str(directory))
-    except RuntimeError as error:  # size mismatches: an adapter for another architecture
-        raise ValueError(f"adapter {directory} does not fit {bundle.name!r}: {error}") from None
-    peft_model.eval()
-    gate = StreamGate(peft_model)
-    gate.fuse(peft_model)  # inference only: lean gated layers instead of peft's
-    return AdaptedModel(peft_model=peft_model, gate=gate, source=str(directory))
+    return load_adapter_for(
+        bundle.model, adapter, name=bundle.name, weights_sha256=bundle.weights_sha256,
+        vocab_size=bundle.model.config.vocab_size,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -304,15 +282,10 @@ def resolve_adapter(
 
     "auto" is the shipped adapter for these weights when there is one; a directory is loaded
     once per process (and refused if it was made for other base weights)."""
-    if adapter is None or isinstance(adapter, AdaptedModel):
-        return adapter
-    if isinstance(adapter, str) and adapter == "auto":
-        directory = shipped_adapter_for(bundle)
-        if directory is None:
-            logger.debug("no adapter ships for %s: decoding without drafts", bundle.name)
-            return None
-        adapter = directory
-    return _cached_adapter(bundle, str(adapter))
+    return resolve_adapter_argument(
+        adapter, name=bundle.name, shipped=lambda: shipped_adapter_for(bundle),
+        load=lambda directory: _cached_adapter(bundle, directory),
+    )
 
 
 def logits_processor(bundle: WhisperBundle, prompt_length: int):

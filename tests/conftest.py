@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+import torch
 
 # ../shared/data beside the repository (CI checks out main with ../shared next to it)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LibriSpeech"
@@ -32,3 +33,12 @@ def test_clean() -> list[tuple[str, Path, str]]:
 def test_clean_audio(test_clean):
     """utterance id → 16 kHz float32 waveform."""
     return {utt: sf.read(path, dtype="float32")[0] for utt, path, _ in test_clean}
+
+
+@pytest.fixture
+def one_thread():
+    # the toy models' ops are tiny: a second OpenMP thread only adds synchronisation
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

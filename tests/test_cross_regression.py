@@ -160,15 +160,6 @@ def test_invalid_decoding_values_are_refused(kwargs, test_clean):
 # --- sampling exactness through the real dual-stream module, on an enumerable Whisper ---------
 
 
-@pytest.fixture
-def one_thread():
-    # the toy model's ops are tiny: a second OpenMP thread only adds synchronisation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_random_whisper():
     from transformers import WhisperConfig, WhisperForConditionalGeneration

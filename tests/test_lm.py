@@ -132,14 +132,6 @@ def test_adapter_for_other_weights_is_refused(smollm, tmp_path):
 # --- sampling exactness through lm.py, on an enumerable toy Llama ----------------------------
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
