@@ -69,8 +69,30 @@ class TrainingConfig:
     # are still these initial ones: truth then teaches the student to echo its drafts, which
     # inference never rewards (LM run: 0.5 → 1.13 tokens/forward; see the LM adapter's card).
     replay_truth: float = 0.5
+    # where a block's drafts come from. "replay": the replay buffer as is (a position's entry
+    # is the student's latest prediction of it from any slot, slot 0's next-token guesses
+    # included). "previous-block": the student's own drafts from the block one position
+    # earlier (no gradient; its drafts come from the buffer), which is what inference
+    # feeds after a rejection at the first draft; only such ≥ 2-ahead drafts enter the buffer.
+    draft_source: str = "replay"
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints (resume point)
+
+    def __post_init__(self):
+        if self.draft_source not in ("replay", "previous-block"):
+            raise ValueError(f"draft_source must be 'replay' or 'previous-block', got {self.draft_source!r}")
+
+    def run_name(self) -> str:
+        """A checkpoint directory name that tells runs of different configurations apart."""
+        name = f"run-g{self.gamma}-r{self.rank}-s{self.steps}-c{self.cuts_per_utterance}-u{self.utterances_per_step}"
+        default = TrainingConfig()
+        if self.replay_truth != default.replay_truth:
+            name += f"-t{self.replay_truth:g}"
+        if self.lr != default.lr:
+            name += f"-lr{self.lr:g}"
+        if self.draft_source != default.draft_source:
+            name += f"-{self.draft_source}"
+        return name
 
 
 @dataclass
@@ -383,7 +405,10 @@ def distillation_step(
     # x_c = tokens[cut]: the last committed token; at least one target must follow it
     low, high = example.prompt_length - 1, L - 2
     cuts = torch.randint(low, high + 1, (rows,), generator=generator)
-    drafts = replay.drafts(example, cuts, gamma)
+    if config.draft_source == "previous-block":
+        drafts = _previous_block_drafts(task, adapted, example, cuts, replay, gamma, low, cache)
+    else:
+        drafts = replay.drafts(example, cuts, gamma)
     replace = torch.rand(drafts.shape, generator=generator) < config.replace_prob
     drafts = torch.where(replace, torch.randint(vocab, drafts.shape, generator=generator), drafts)
     tail_start = torch.randint(1, gamma + 1, (rows, 1), generator=generator)
@@ -407,10 +432,25 @@ def distillation_step(
         weights = suffix_weights(hits, valid)
     cross_entropy = -(p * log_q).sum(-1)  # [rows, γ+1]
     loss = (weights * cross_entropy).sum() / weights.sum()
-    replay.update(example, cuts, argmax[:, :gamma])
+    if config.draft_source == "replay":
+        replay.update(example, cuts, argmax[:, :gamma])
     # drafts accepted in a row from slot 1 on if this block were verified: a live τ proxy
     run = (hits.long().cumprod(-1)).sum(-1).float()
     return loss, {"hits": hits.sum().item() / max(valid.sum().item(), 1), "run": run.mean().item()}
+
+
+def _previous_block_drafts(task, adapted, example, cuts, replay, gamma, low, cache) -> torch.Tensor:
+    """Drafts for blocks at `cuts` as inference makes them after rejecting the first draft of a
+    block at cut − 1: that block's predictions at slots 1..γ (positions cut+1..cut+γ). Rows
+    at the first possible cut get placeholders, as the first call of a decode does."""
+    previous = (cuts - 1).clamp_min(low)
+    with torch.no_grad():
+        logits = task.student_logits(adapted, example, previous, replay.drafts(example, previous, gamma), cache)
+    drafts = logits[:, 1:].argmax(-1)
+    first = cuts == low
+    drafts[first] = task.placeholder_id
+    replay.update(example, cuts[~first], drafts[~first])
+    return drafts
 
 
 def train(

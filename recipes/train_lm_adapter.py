@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     parser.add_argument("--utterances-per-step", type=int, default=1)
     parser.add_argument("--lr", type=float, default=TrainingConfig.lr)
     parser.add_argument("--replay-truth", type=float, default=0.0, help="true tokens in the initial replay buffer")
+    parser.add_argument(
+        "--draft-source", choices=("replay", "previous-block"), default=TrainingConfig.draft_source,
+        help="training drafts: the replay buffer, or the student's drafts from the block one position earlier",
+    )
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="caches and checkpoints")
@@ -112,15 +116,10 @@ def main(argv=None) -> int:
     config = TrainingConfig(
         gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
         cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
-        replay_truth=args.replay_truth,
+        replay_truth=args.replay_truth, draft_source=args.draft_source,
     )
-    run_name = f"run-g{config.gamma}-r{config.rank}-s{config.steps}-c{config.cuts_per_utterance}-u{config.utterances_per_step}"
-    if config.replay_truth != TrainingConfig.replay_truth:
-        run_name += f"-t{config.replay_truth:g}"
-    if config.lr != TrainingConfig.lr:
-        run_name += f"-lr{config.lr:g}"
     t0 = time.perf_counter()
-    adapted = train(lm, train_examples, config, output_dir=work / run_name)
+    adapted = train(lm, train_examples, config, output_dir=work / config.run_name())
     train_seconds = time.perf_counter() - t0
 
     results = [tokens_per_forward(lm, adapted, dev_examples, g) for g in args.eval_gammas]

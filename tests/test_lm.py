@@ -206,6 +206,9 @@ def test_lm_training_steps_checkpoint_and_resume(toy_llama, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in adapted.peft_model.named_parameters() if "lora_B" in n)
     with pytest.raises(ValueError, match="another configuration"):  # never resume someone else's run
         train(toy, examples, TrainingConfig(**{**config.__dict__, "rank": 4}), output_dir=tmp_path)
+    fresh = TrainingConfig(**{**config.__dict__, "draft_source": "previous-block"})
+    assert fresh.run_name() != config.run_name()
+    train(toy, examples, fresh, output_dir=tmp_path / fresh.run_name())
 
 
 def test_generate_cli(smollm, capsys):
@@ -217,3 +220,27 @@ def test_generate_cli(smollm, capsys):
     assert generate_main(["Once upon a time", "--raw", "--no-adapter", "--max-new-tokens", "4"]) == 0
     with pytest.raises(SystemExit):
         generate_main(["hi", "--gamma", "-1"])
+
+
+def test_previous_block_drafts_are_what_inference_feeds_after_a_rejection(toy_llama):
+    """draft_source="previous-block": a block at cut gets the student's slots 1..γ of the block
+    at cut − 1 (as inference refills after rejecting d_1); the first cut gets placeholders."""
+    from crosswhisper.training import Example, LMTask, ReplayBuffer, TrainingConfig, _previous_block_drafts
+
+    toy, adapted = toy_llama
+    tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
+    example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
+    task, gamma, low = LMTask(toy), 3, 1
+    replay = ReplayBuffer([example], gamma, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=0.0)
+    _, cache = task.teacher_pass(example)
+    cuts = torch.tensor([low, 5])
+    earlier = replay.drafts(example, torch.tensor([4]), gamma)
+    with torch.no_grad():
+        expected = task.student_logits(adapted, example, torch.tensor([4]), earlier, cache)[0, 1:].argmax(-1)
+
+    drafts = _previous_block_drafts(task, adapted, example, cuts, replay, gamma, low, cache)
+    assert drafts[0].tolist() == [toy.placeholder_id] * gamma
+    assert torch.equal(drafts[1], expected)
+    assert torch.equal(replay.drafts(example, torch.tensor([5]), gamma)[0], expected)  # the buffer keeps them
+    with pytest.raises(ValueError, match="draft_source"):
+        TrainingConfig(draft_source="teacher")
