@@ -241,18 +241,10 @@ class AdaptedModel:
     source: str  # adapter directory ("<new>" for a fresh one)
 
 
-def load_adapter_for(
-    base_model: nn.Module, adapter, *, name: str, weights_sha256: Optional[str], vocab_size: int
-) -> AdaptedModel:
-    """Load a peft adapter directory onto a private copy of `base_model` (gated, fused for
-    inference), refusing one whose record names other base weights or another vocabulary."""
+def check_adapter_record(directory: Path, *, name: str, weights_sha256: Optional[str], vocab_size: int) -> None:
+    """Refuse a directory that is no peft adapter, or whose record names other base weights."""
     import json
 
-    from peft import PeftModel
-
-    if isinstance(adapter, AdaptedModel):
-        return adapter
-    directory = Path(adapter)
     if not (directory / "adapter_config.json").is_file():
         raise FileNotFoundError(f"not a peft adapter directory (no adapter_config.json): {directory}")
     info_path = directory / ADAPTER_INFO_FILE
@@ -264,6 +256,19 @@ def load_adapter_for(
                 f"adapter {directory} was made for base model {info.get('base_model')!r} "
                 f"(weights {str(want)[:12]}), not for {name!r} (weights {str(weights_sha256)[:12]})"
             )
+
+
+def load_adapter_for(
+    base_model: nn.Module, adapter, *, name: str, weights_sha256: Optional[str], vocab_size: int
+) -> AdaptedModel:
+    """Load a peft adapter directory onto a private copy of `base_model` (gated, fused for
+    inference), refusing one whose record names other base weights or another vocabulary."""
+    from peft import PeftModel
+
+    if isinstance(adapter, AdaptedModel):
+        return adapter
+    directory = Path(adapter)
+    check_adapter_record(directory, name=name, weights_sha256=weights_sha256, vocab_size=vocab_size)
     try:
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(directory))
     except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another model

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .audio import load_audio
 from .decoding import DecodeOptions
-from .dual_stream import AdaptedModel, project
+from .dual_stream import AdaptedModel, check_adapter_record, project
 from .lm import LanguageModel
 from .whisper import (
     decode_window,
@@ -75,6 +75,8 @@ class TrainingConfig:
     # earlier (no gradient; its drafts come from the buffer), which is what inference
     # feeds after a rejection at the first draft; only such ≥ 2-ahead drafts enter the buffer.
     draft_source: str = "replay"
+    # warm start: a peft adapter directory of the same rank and modules (None = zero delta)
+    init_adapter: Optional[str] = None
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints (resume point)
 
@@ -92,6 +94,8 @@ class TrainingConfig:
             name += f"-lr{self.lr:g}"
         if self.draft_source != default.draft_source:
             name += f"-{self.draft_source}"
+        if self.init_adapter:
+            name += f"-from-{Path(self.init_adapter).name}"
         return name
 
 
@@ -106,6 +110,8 @@ class Example:
 class DistillationTask(Protocol):
     """What Algorithm 3 needs from a model: its teacher pass and its student's block forward."""
 
+    name: str  # the base model's name (messages)
+    weights_sha256: Optional[str]  # its weights' fingerprint: adapters record it
     vocab_size: int
     placeholder_id: int  # the token of empty draft slots (as at inference)
 
@@ -325,6 +331,7 @@ class WhisperTask:
 
     def __init__(self, bundle: WhisperBundle):
         self.bundle = bundle
+        self.name, self.weights_sha256 = bundle.name, bundle.weights_sha256
         self.vocab_size = bundle.model.config.vocab_size
         self.placeholder_id = special_id(bundle, "<|endoftext|>")
 
@@ -343,6 +350,7 @@ class LMTask:
 
     def __init__(self, lm: LanguageModel):
         self.lm = lm
+        self.name, self.weights_sha256 = lm.name, lm.weights_sha256
         self.vocab_size = lm.model.config.vocab_size
         self.placeholder_id = lm.placeholder_id
 
@@ -453,6 +461,20 @@ def _previous_block_drafts(task, adapted, example, cuts, replay, gamma, low, cac
     return drafts
 
 
+def _warm_start(task: DistillationTask, adapted: AdaptedModel, directory: Path) -> None:
+    """Copy a saved adapter's weights into the fresh one (same rank and modules, same base)."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    check_adapter_record(directory, name=task.name, weights_sha256=task.weights_sha256, vocab_size=task.vocab_size)
+    try:
+        loaded = set_peft_model_state_dict(adapted.peft_model, load_peft_weights(str(directory), device="cpu"))
+    except RuntimeError as error:  # another rank
+        raise ValueError(f"cannot warm-start from {directory}: {error}") from None
+    if loaded.unexpected_keys:
+        raise ValueError(f"cannot warm-start from {directory}: it adapts other modules ({loaded.unexpected_keys[:3]} ...)")
+    logger.info("warm start from %s", directory)
+
+
 def train(
     task: Union[WhisperBundle, LanguageModel, DistillationTask],
     examples: Sequence[Example],
@@ -469,6 +491,8 @@ def train(
     random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     adapted = task.new_adapter(config.rank, config.seed)
+    if config.init_adapter:
+        _warm_start(task, adapted, Path(config.init_adapter))
     model = adapted.peft_model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

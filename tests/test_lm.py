@@ -244,3 +244,25 @@ def test_previous_block_drafts_are_what_inference_feeds_after_a_rejection(toy_ll
     assert torch.equal(replay.drafts(example, torch.tensor([5]), gamma)[0], expected)  # the buffer keeps them
     with pytest.raises(ValueError, match="draft_source"):
         TrainingConfig(draft_source="teacher")
+
+
+def test_training_warm_starts_from_a_saved_adapter(toy_llama, tmp_path):
+    from crosswhisper.lm import save_adapter
+    from crosswhisper.training import Example, TrainingConfig, train
+
+    toy, _ = toy_llama
+    example = Example(utterance="0", encoder_states=None, tokens=torch.arange(12) % V, prompt_length=2)
+    config = TrainingConfig(gamma=3, rank=2, steps=3, cuts_per_utterance=2, utterances_per_step=1)
+    first = train(toy, [example], config, output_dir=tmp_path / "first")
+    save_adapter(first, tmp_path / "saved", toy)
+    assert any(p.abs().sum() > 0 for n, p in first.peft_model.named_parameters() if "lora_B" in n)
+
+    warm = TrainingConfig(**{**config.__dict__, "steps": 0, "init_adapter": str(tmp_path / "saved")})
+    again = train(toy, [example], warm, output_dir=tmp_path / warm.run_name())
+    before = dict(first.peft_model.named_parameters())
+    for name, parameter in again.peft_model.named_parameters():
+        if "lora_" in name:  # float16 on disk
+            assert torch.allclose(parameter, before[name], atol=1e-3), name
+    other_rank = TrainingConfig(**{**warm.__dict__, "rank": 4})
+    with pytest.raises(ValueError, match="warm-start"):
+        train(toy, [example], other_rank, output_dir=tmp_path / "other")
