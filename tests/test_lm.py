@@ -74,20 +74,20 @@ def test_shipped_adapter_greedy_is_token_identical_and_drafts(smollm, references
 
 
 def test_shipped_adapter_drafts_on_held_out_prompts(smollm):
-    """The held-out prompts (other books than the training prompts) recorded beside the adapter.
-
-    Issue #6 asks for > 1.5 tokens per forward; the shipped adapter reaches 1.47 at γ = 3 over
-    all 24 held-out prompts (its card). This guards what ships (an untrained adapter: ~1.02)."""
+    """Issue #6: > 1.5 tokens per forward on the held-out prompts (other books than the training
+    prompts), recorded beside the adapter: all 24, at most 128 new tokens, lossless γ = 3.
+    The shipped adapter reaches 1.60 (its card); an untrained one ~1.02."""
     directory = shipped_adapter_for(smollm)
     prompts = json.loads((directory / "held_out_prompts.json").read_text())
+    assert len(prompts) == 24
     tokens = calls = 0
-    for messages in list(prompts.values())[:6]:
+    for messages in prompts.values():
         ids = encode_prompt(smollm, messages)
-        out = generate(messages, model=smollm, gamma=3, max_new_tokens=64)
-        assert list(out.tokens) == generate_reference(smollm, ids, temperature=0, max_new_tokens=64)
+        out = generate(messages, model=smollm, gamma=3, max_new_tokens=128)
+        assert list(out.tokens) == generate_reference(smollm, ids, temperature=0, max_new_tokens=128)
         tokens += out.stats.generated_tokens
         calls += out.stats.forward_calls
-    assert tokens / calls > 1.35, f"{tokens / calls:.3f} tokens per forward"
+    assert tokens / calls > 1.5, f"{tokens / calls:.3f} tokens per forward"
 
 
 def test_generate_result_and_reference_path(smollm, references):
