@@ -2,6 +2,10 @@
 
     python recipes/train_lm_adapter.py                      # SmolLM2-135M-Instruct (offline)
 
+The shipped adapter took three runs (replay-buffer drafts, resumed, then a warm start with
+--draft-source previous-block); the exact commands are in its card
+(crosswhisper/adapters/smollm2-135m-instruct/README.md).
+
 Prompts (built offline, see `build_prompts`): chat requests about passages of public-domain
 books — the LibriSpeech transcripts in ../shared/data/LibriSpeech/train-clean-5 — each wrapped
 in one of `TEMPLATES` (continue, summarise, explain, rewrite, ...). The speakers in
