@@ -75,6 +75,11 @@ class TrainingConfig:
     # earlier (no gradient; its drafts come from the buffer), which is what inference
     # feeds after a rejection at the first draft; only such ≥ 2-ahead drafts enter the buffer.
     draft_source: str = "replay"
+    # with previous-block drafts: chance that the previous block's draft for the cut position
+    # is made wrong (the student's own first choice if wrong, else its second choice). At
+    # inference a block starts at a position because the draft there was just rejected, so
+    # its drafts were made next to a wrong token; replayed drafts are mostly right instead.
+    rejected_draft_prob: float = 0.0
     # warm start: a peft adapter directory of the same rank and modules (None = zero delta)
     init_adapter: Optional[str] = None
     seed: int = 0
@@ -83,6 +88,10 @@ class TrainingConfig:
     def __post_init__(self):
         if self.draft_source not in ("replay", "previous-block"):
             raise ValueError(f"draft_source must be 'replay' or 'previous-block', got {self.draft_source!r}")
+        if not 0.0 <= self.rejected_draft_prob <= 1.0:
+            raise ValueError(f"rejected_draft_prob must be in [0, 1], got {self.rejected_draft_prob}")
+        if self.rejected_draft_prob and self.draft_source != "previous-block":
+            raise ValueError("rejected_draft_prob needs draft_source='previous-block'")
 
     def run_name(self) -> str:
         """A checkpoint directory name that tells runs of different configurations apart."""
@@ -94,6 +103,8 @@ class TrainingConfig:
             name += f"-lr{self.lr:g}"
         if self.draft_source != default.draft_source:
             name += f"-{self.draft_source}"
+        if self.rejected_draft_prob != default.rejected_draft_prob:
+            name += f"-rej{self.rejected_draft_prob:g}"
         if self.init_adapter:
             name += f"-from-{Path(self.init_adapter).name}"
         return name
@@ -274,26 +285,42 @@ def suffix_weights(hits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class ReplayBuffer:
-    """Per utterance, the student's latest argmax prediction for every position (its drafts)."""
+    """Per utterance, the student's latest argmax prediction for every position (its drafts),
+    and its second choice there (a plausible wrong draft, see `rejected_draft_prob`)."""
 
     def __init__(
         self, examples: Sequence[Example], gamma: int, vocab: int, placeholder: int, generator, truth: float = 0.5
     ):
+        self.vocab = vocab
         self.predictions = {}
+        self.alternatives = {}
         for ex in examples:
             # start from the truth corrupted at 1 - truth: early drafts are poor, as at inference
             noisy = ex.tokens.clone()
             flip = torch.rand(noisy.shape, generator=generator) < 1.0 - truth
             noisy[flip] = torch.randint(vocab, (int(flip.sum()),), generator=generator)
             self.predictions[ex.utterance] = torch.cat([noisy, torch.full((gamma + 1,), placeholder)])
+            # random until the student's second choices replace them
+            self.alternatives[ex.utterance] = torch.randint(vocab, (noisy.shape[0] + gamma + 1,), generator=generator)
 
     def drafts(self, ex: Example, cuts: torch.Tensor, gamma: int) -> torch.Tensor:
         index = cuts.view(-1, 1) + torch.arange(1, gamma + 1).view(1, -1)
         return self.predictions[ex.utterance][index]
 
-    def update(self, ex: Example, cuts: torch.Tensor, argmax: torch.Tensor) -> None:
+    def update(self, ex: Example, cuts: torch.Tensor, argmax: torch.Tensor, second: Optional[torch.Tensor] = None) -> None:
         index = cuts.view(-1, 1) + torch.arange(1, argmax.shape[1] + 1).view(1, -1)
         self.predictions[ex.utterance][index] = argmax
+        if second is not None:
+            self.alternatives[ex.utterance][index] = second
+
+    def wrong_draft(self, ex: Example, positions: torch.Tensor) -> torch.Tensor:
+        """A draft for each position that is not the true token: the student's latest first
+        choice if it is wrong, else its second choice."""
+        truth = ex.tokens[positions]
+        first = self.predictions[ex.utterance][positions]
+        second = self.alternatives[ex.utterance][positions]
+        second = torch.where(second == truth, (truth + 1) % self.vocab, second)  # only a random start can tie
+        return torch.where(first != truth, first, second)
 
 
 def student_logits(
@@ -414,7 +441,9 @@ def distillation_step(
     low, high = example.prompt_length - 1, L - 2
     cuts = torch.randint(low, high + 1, (rows,), generator=generator)
     if config.draft_source == "previous-block":
-        drafts = _previous_block_drafts(task, adapted, example, cuts, replay, gamma, low, cache)
+        drafts = _previous_block_drafts(
+            task, adapted, example, cuts, replay, gamma, low, cache, config.rejected_draft_prob, generator
+        )
     else:
         drafts = replay.drafts(example, cuts, gamma)
     replace = torch.rand(drafts.shape, generator=generator) < config.replace_prob
@@ -447,17 +476,26 @@ def distillation_step(
     return loss, {"hits": hits.sum().item() / max(valid.sum().item(), 1), "run": run.mean().item()}
 
 
-def _previous_block_drafts(task, adapted, example, cuts, replay, gamma, low, cache) -> torch.Tensor:
+def _previous_block_drafts(
+    task, adapted, example, cuts, replay, gamma, low, cache, rejected_prob=0.0, generator=None
+) -> torch.Tensor:
     """Drafts for blocks at `cuts` as inference makes them after rejecting the first draft of a
-    block at cut − 1: that block's predictions at slots 1..γ (positions cut+1..cut+γ). Rows
+    block at cut − 1: that block's predictions at slots 1..γ (positions cut+1..cut+γ). With
+    `rejected_prob`, that block's draft for position cut is a wrong one (it was rejected). Rows
     at the first possible cut get placeholders, as the first call of a decode does."""
     previous = (cuts - 1).clamp_min(low)
+    previous_drafts = replay.drafts(example, previous, gamma)
+    if rejected_prob:
+        rejected = torch.rand(cuts.shape, generator=generator) < rejected_prob
+        wrong = replay.wrong_draft(example, previous + 1)
+        previous_drafts[:, 0] = torch.where(rejected, wrong, previous_drafts[:, 0])
     with torch.no_grad():
-        logits = task.student_logits(adapted, example, previous, replay.drafts(example, previous, gamma), cache)
-    drafts = logits[:, 1:].argmax(-1)
+        logits = task.student_logits(adapted, example, previous, previous_drafts, cache)
+    top2 = logits[:, 1:].topk(2, dim=-1).indices
+    drafts, second = top2[..., 0], top2[..., 1]
     first = cuts == low
     drafts[first] = task.placeholder_id
-    replay.update(example, cuts[~first], drafts[~first])
+    replay.update(example, cuts[~first], drafts[~first], second[~first])
     return drafts
 
 
@@ -514,6 +552,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         replay.predictions = state["replay"]
+        replay.alternatives = state.get("replay_alternatives", replay.alternatives)
         generator.set_state(state["generator"])
         step = state["step"]
         logger.info("resumed from step %d", step)
@@ -548,6 +587,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "replay": replay.predictions,
+                "replay_alternatives": replay.alternatives,
                 "generator": generator.get_state(),
                 "step": step,
                 "config": asdict(config),

@@ -246,6 +246,37 @@ def test_previous_block_drafts_are_what_inference_feeds_after_a_rejection(toy_ll
         TrainingConfig(draft_source="teacher")
 
 
+def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
+    """rejected_draft_prob=1: the earlier block's draft for the cut position is wrong, as at
+    inference (a block starts where the draft was rejected): the student's first choice if
+    wrong, else its second choice, which the buffer keeps next to the first."""
+    from crosswhisper.training import Example, LMTask, ReplayBuffer, TrainingConfig, _previous_block_drafts
+
+    toy, adapted = toy_llama
+    tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
+    example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
+    task, gamma, low = LMTask(toy), 3, 1
+    replay = ReplayBuffer([example], gamma, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=1.0)
+    _, cache = task.teacher_pass(example)
+    positions = torch.tensor([5, 6])
+    replay.alternatives["toy"][positions] = torch.tensor([0, 4])
+    replay.predictions["toy"][6] = 3  # a wrong first choice stays
+    assert replay.wrong_draft(example, positions).tolist() == [0, 3]
+
+    earlier = replay.drafts(example, torch.tensor([4]), gamma)
+    assert earlier[0, 0] == tokens[5]  # the buffer started from the truth
+    earlier[0, 0] = 0
+    with torch.no_grad():
+        logits = task.student_logits(adapted, example, torch.tensor([4]), earlier, cache)[0, 1:]
+    generator = torch.Generator().manual_seed(0)
+    drafts = _previous_block_drafts(task, adapted, example, torch.tensor([5]), replay, gamma, low, cache, 1.0, generator)
+    assert torch.equal(drafts[0], logits.argmax(-1))
+    assert torch.equal(replay.alternatives["toy"][6:9], logits.topk(2, dim=-1).indices[:, 1])
+    with pytest.raises(ValueError, match="previous-block"):
+        TrainingConfig(rejected_draft_prob=0.5)
+    assert "rej0.9" in TrainingConfig(draft_source="previous-block", rejected_draft_prob=0.9).run_name()
+
+
 def test_training_warm_starts_from_a_saved_adapter(toy_llama, tmp_path):
     from crosswhisper.lm import save_adapter
     from crosswhisper.training import Example, TrainingConfig, train
