@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-adapter", action="store_true", help="plain greedy decoding (transformers generate)")
     parser.add_argument(
-        "--gamma", type=int, default=None, help="draft slots per forward call (default: 3 on a CPU, 16 on a GPU)"
+        "--gamma", type=int, default=None, help="draft slots per forward call (default: 3 on a CPU, 4 on a GPU)"
     )
     parser.add_argument("--beta", type=float, default=0.0, help="EMA factor in [0, 1); 0 = lossless (default)")
     parser.add_argument("--tau", type=float, default=0.0, help="energy floor ≤ 0; 0 = lossless (default)")

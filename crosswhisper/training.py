@@ -10,7 +10,10 @@ does), causally at x_c and bidirectionally among the drafts — and is trained w
     L   = − Σ_t (s_t + 1) · p_tᵀ log q_t  /  Σ_t (s_t + 1)
 
 The drafts come from a per-utterance replay buffer of the student's own past argmax
-predictions (what inference feeds it), plus random replacement and placeholder tails.
+predictions (what inference feeds it), plus random replacement and placeholder tails; or,
+closer to inference, from the student's own pass over the block one position earlier, whose
+draft at the cut is a wrong one (`draft_source="previous-block"`, `rejected_draft_prob`): at
+inference a block starts where the previous block's draft was just rejected.
 
 One step on one utterance costs one teacher pass (no grad; its self-attention keys/values
 are the prefix of every cut, and its cross-attention keys/values are shared by all rows) and

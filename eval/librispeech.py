@@ -14,7 +14,7 @@ Systems:
   generate (reference)   transcribe(adapter=None): transformers' greedy `generate`
   own loop γ=0           transcribe(adapter=None, gamma=0): crosswhisper's lean AR loop
   crosswhisper lossless  transcribe(adapter=<shipped or --adapter>, gamma=G): exact; G defaults
-                         to transcribe()'s own default for the device (3 on a CPU, 16 on a GPU)
+                         to transcribe()'s own default for the device (3 on a CPU, 4 on a GPU)
   crosswhisper lossy     the same with β, τ from --lossy (faster, may change the text)
   faster-whisper         CTranslate2 on the very same weights, float32 and int8, greedy
 
@@ -849,7 +849,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                               "for the model's weights); 'none' runs the baselines only")
     systems.add_argument("--gamma", type=int, default=None,
                          help="draft slots per call (default: transcribe()'s default for the device, "
-                              "3 on a CPU and 16 on a GPU)")
+                              "3 on a CPU and 4 on a GPU)")
     systems.add_argument("--lossy", nargs="+", default=list(DEFAULT_LOSSY), metavar="BETA,TAU",
                          help="lossy settings to run (default: %(default)s)")
     systems.add_argument("--no-lossy", action="store_true", help="skip the lossy systems")
