@@ -83,6 +83,11 @@ class TrainingConfig:
     # inference a block starts at a position because the draft there was just rejected, so
     # its drafts were made next to a wrong token; replayed drafts are mostly right instead.
     rejected_draft_prob: float = 0.0
+    # with previous-block drafts: how many earlier blocks are chained, each one position before
+    # the next and each feeding it its drafts (1: the block at cut − 1 reads the replay buffer;
+    # 2: that block's drafts come from the block at cut − 2, as at inference after two
+    # one-token passes). One more no-grad student pass per extra block.
+    previous_blocks: int = 1
     # warm start: a peft adapter directory of the same rank and modules (None = zero delta)
     init_adapter: Optional[str] = None
     seed: int = 0
@@ -95,6 +100,8 @@ class TrainingConfig:
             raise ValueError(f"rejected_draft_prob must be in [0, 1], got {self.rejected_draft_prob}")
         if self.rejected_draft_prob and self.draft_source != "previous-block":
             raise ValueError("rejected_draft_prob needs draft_source='previous-block'")
+        if self.previous_blocks < 1 or (self.previous_blocks > 1 and self.draft_source != "previous-block"):
+            raise ValueError(f"previous_blocks must be ≥ 1 (> 1 needs draft_source='previous-block'), got {self.previous_blocks}")
 
     def run_name(self) -> str:
         """A checkpoint directory name that tells runs of different configurations apart."""
@@ -108,6 +115,8 @@ class TrainingConfig:
             name += f"-{self.draft_source}"
         if self.rejected_draft_prob != default.rejected_draft_prob:
             name += f"-rej{self.rejected_draft_prob:g}"
+        if self.previous_blocks != default.previous_blocks:
+            name += f"-chain{self.previous_blocks}"
         if self.init_adapter:
             name += f"-from-{Path(self.init_adapter).name}"
         return name
@@ -445,7 +454,8 @@ def distillation_step(
     cuts = torch.randint(low, high + 1, (rows,), generator=generator)
     if config.draft_source == "previous-block":
         drafts = _previous_block_drafts(
-            task, adapted, example, cuts, replay, gamma, low, cache, config.rejected_draft_prob, generator
+            task, adapted, example, cuts, replay, gamma, low, cache, config.rejected_draft_prob, generator,
+            depth=config.previous_blocks,
         )
     else:
         drafts = replay.drafts(example, cuts, gamma)
@@ -480,14 +490,21 @@ def distillation_step(
 
 
 def _previous_block_drafts(
-    task, adapted, example, cuts, replay, gamma, low, cache, rejected_prob=0.0, generator=None
+    task, adapted, example, cuts, replay, gamma, low, cache, rejected_prob=0.0, generator=None, depth=1
 ) -> torch.Tensor:
     """Drafts for blocks at `cuts` as inference makes them after rejecting the first draft of a
     block at cut − 1: that block's predictions at slots 1..γ (positions cut+1..cut+γ). With
-    `rejected_prob`, that block's draft for position cut is a wrong one (it was rejected). Rows
-    at the first possible cut get placeholders, as the first call of a decode does."""
+    `rejected_prob`, that block's draft for position cut is a wrong one (it was rejected). That
+    block's own drafts come from the replay buffer (depth 1) or, recursively, from the block
+    before it (depth > 1). Rows at the first possible cut get placeholders, as the first call
+    of a decode does."""
     previous = (cuts - 1).clamp_min(low)
-    previous_drafts = replay.drafts(example, previous, gamma)
+    if depth > 1:
+        previous_drafts = _previous_block_drafts(
+            task, adapted, example, previous, replay, gamma, low, cache, rejected_prob, generator, depth - 1
+        )
+    else:
+        previous_drafts = replay.drafts(example, previous, gamma)
     if rejected_prob:
         rejected = torch.rand(cuts.shape, generator=generator) < rejected_prob
         wrong = replay.wrong_draft(example, previous + 1)

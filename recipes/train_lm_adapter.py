@@ -97,6 +97,10 @@ def main(argv=None) -> int:
         "--rejected-draft-prob", type=float, default=TrainingConfig.rejected_draft_prob,
         help="with previous-block drafts: chance that the earlier block's draft at the cut is a wrong one, as at inference",
     )
+    parser.add_argument(
+        "--previous-blocks", type=int, default=TrainingConfig.previous_blocks,
+        help="with previous-block drafts: earlier blocks chained, each feeding the next its drafts",
+    )
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--seed", type=int, default=0)
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
         gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
         cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
         replay_truth=args.replay_truth, draft_source=args.draft_source,
-        rejected_draft_prob=args.rejected_draft_prob,
+        rejected_draft_prob=args.rejected_draft_prob, previous_blocks=args.previous_blocks,
         init_adapter=str(args.init_adapter) if args.init_adapter else None,
     )
     t0 = time.perf_counter()

@@ -277,6 +277,27 @@ def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
     assert "rej0.9" in TrainingConfig(draft_source="previous-block", rejected_draft_prob=0.9).run_name()
 
 
+def test_chained_previous_blocks_feed_each_other(toy_llama):
+    """previous_blocks=2: the block at cut − 1 reads the drafts of the block at cut − 2."""
+    from crosswhisper.training import Example, LMTask, ReplayBuffer, TrainingConfig, _previous_block_drafts
+
+    toy, adapted = toy_llama
+    tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
+    example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
+    task, gamma, low = LMTask(toy), 3, 1
+    replay = ReplayBuffer([example], gamma, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=1.0)
+    _, cache = task.teacher_pass(example)
+    with torch.no_grad():
+        earliest = replay.drafts(example, torch.tensor([3]), gamma)
+        middle = task.student_logits(adapted, example, torch.tensor([3]), earliest, cache)[:, 1:].argmax(-1)
+        expected = task.student_logits(adapted, example, torch.tensor([4]), middle, cache)[0, 1:].argmax(-1)
+    drafts = _previous_block_drafts(task, adapted, example, torch.tensor([5]), replay, gamma, low, cache, depth=2)
+    assert torch.equal(drafts[0], expected)
+    assert "chain2" in TrainingConfig(draft_source="previous-block", previous_blocks=2).run_name()
+    with pytest.raises(ValueError, match="previous_blocks"):
+        TrainingConfig(previous_blocks=2)
+
+
 def test_training_warm_starts_from_a_saved_adapter(toy_llama, tmp_path):
     from crosswhisper.lm import save_adapter
     from crosswhisper.training import Example, TrainingConfig, train
