@@ -519,6 +519,23 @@ def _previous_block_drafts(
     return drafts
 
 
+def add_draft_arguments(parser) -> None:
+    """The recipes' command-line options for where the training drafts come from (the
+    `TrainingConfig` fields draft_source, rejected_draft_prob, previous_blocks)."""
+    parser.add_argument(
+        "--draft-source", choices=("replay", "previous-block"), default=TrainingConfig.draft_source,
+        help="training drafts: the replay buffer, or the student's drafts from the block one position earlier",
+    )
+    parser.add_argument(
+        "--rejected-draft-prob", type=float, default=TrainingConfig.rejected_draft_prob,
+        help="with previous-block drafts: chance that the earlier block's draft at the cut is a wrong one, as at inference",
+    )
+    parser.add_argument(
+        "--previous-blocks", type=int, default=TrainingConfig.previous_blocks,
+        help="with previous-block drafts: earlier blocks chained, each feeding the next its drafts",
+    )
+
+
 def _warm_start(task: DistillationTask, adapted: AdaptedModel, directory: Path) -> None:
     """Copy a saved adapter's weights into the fresh one (same rank and modules, same base)."""
     from peft import load_peft_weights, set_peft_model_state_dict

@@ -33,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosswhisper.lm import DEFAULT_LM, load_lm, save_adapter  # noqa: E402
 from crosswhisper.models import cache_dir  # noqa: E402
-from crosswhisper.training import TrainingConfig, prepare_lm_examples, tokens_per_forward, train  # noqa: E402
+from crosswhisper.training import (  # noqa: E402
+    TrainingConfig,
+    add_draft_arguments,
+    prepare_lm_examples,
+    tokens_per_forward,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "LibriSpeech"
@@ -89,18 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--utterances-per-step", type=int, default=1)
     parser.add_argument("--lr", type=float, default=TrainingConfig.lr)
     parser.add_argument("--replay-truth", type=float, default=0.0, help="true tokens in the initial replay buffer")
-    parser.add_argument(
-        "--draft-source", choices=("replay", "previous-block"), default=TrainingConfig.draft_source,
-        help="training drafts: the replay buffer, or the student's drafts from the block one position earlier",
-    )
-    parser.add_argument(
-        "--rejected-draft-prob", type=float, default=TrainingConfig.rejected_draft_prob,
-        help="with previous-block drafts: chance that the earlier block's draft at the cut is a wrong one, as at inference",
-    )
-    parser.add_argument(
-        "--previous-blocks", type=int, default=TrainingConfig.previous_blocks,
-        help="with previous-block drafts: earlier blocks chained, each feeding the next its drafts",
-    )
+    add_draft_arguments(parser)
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--seed", type=int, default=0)

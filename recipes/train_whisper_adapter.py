@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from crosswhisper.models import cache_dir  # noqa: E402
 from crosswhisper.training import (  # noqa: E402
     TrainingConfig,
+    add_draft_arguments,
     export_adapter,
     prepare_examples,
     tokens_per_forward,
@@ -72,18 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--replay-truth", type=float, default=TrainingConfig.replay_truth, help="true tokens in the initial replay buffer"
     )
-    parser.add_argument(
-        "--draft-source", choices=("replay", "previous-block"), default=TrainingConfig.draft_source,
-        help="training drafts: the replay buffer, or the student's drafts from the block one position earlier",
-    )
-    parser.add_argument(
-        "--rejected-draft-prob", type=float, default=TrainingConfig.rejected_draft_prob,
-        help="with previous-block drafts: chance that the earlier block's draft at the cut is a wrong one, as at inference",
-    )
-    parser.add_argument(
-        "--previous-blocks", type=int, default=TrainingConfig.previous_blocks,
-        help="with previous-block drafts: earlier blocks chained, each feeding the next its drafts",
-    )
+    add_draft_arguments(parser)
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)

@@ -222,17 +222,26 @@ def test_generate_cli(smollm, capsys):
         generate_main(["hi", "--gamma", "-1"])
 
 
-def test_previous_block_drafts_are_what_inference_feeds_after_a_rejection(toy_llama):
-    """draft_source="previous-block": a block at cut gets the student's slots 1..γ of the block
-    at cut − 1 (as inference refills after rejecting d_1); the first cut gets placeholders."""
-    from crosswhisper.training import Example, LMTask, ReplayBuffer, TrainingConfig, _previous_block_drafts
+def _toy_draft_case(toy_llama, *, truth: float):
+    """A toy example, its task, a replay buffer (γ = 3) starting at `truth` and the teacher cache."""
+    from crosswhisper.training import Example, LMTask, ReplayBuffer
 
     toy, adapted = toy_llama
     tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
     example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
-    task, gamma, low = LMTask(toy), 3, 1
-    replay = ReplayBuffer([example], gamma, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=0.0)
+    task = LMTask(toy)
+    replay = ReplayBuffer([example], 3, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=truth)
     _, cache = task.teacher_pass(example)
+    return toy, adapted, example, task, replay, cache
+
+
+def test_previous_block_drafts_are_what_inference_feeds_after_a_rejection(toy_llama):
+    """draft_source="previous-block": a block at cut gets the student's slots 1..γ of the block
+    at cut − 1 (as inference refills after rejecting d_1); the first cut gets placeholders."""
+    from crosswhisper.training import TrainingConfig, _previous_block_drafts
+
+    toy, adapted, example, task, replay, cache = _toy_draft_case(toy_llama, truth=0.0)
+    gamma, low = 3, 1
     cuts = torch.tensor([low, 5])
     earlier = replay.drafts(example, torch.tensor([4]), gamma)
     with torch.no_grad():
@@ -250,14 +259,10 @@ def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
     """rejected_draft_prob=1: the earlier block's draft for the cut position is wrong, as at
     inference (a block starts where the draft was rejected): the student's first choice if
     wrong, else its second choice, which the buffer keeps next to the first."""
-    from crosswhisper.training import Example, LMTask, ReplayBuffer, TrainingConfig, _previous_block_drafts
+    from crosswhisper.training import TrainingConfig, _previous_block_drafts
 
-    toy, adapted = toy_llama
-    tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
-    example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
-    task, gamma, low = LMTask(toy), 3, 1
-    replay = ReplayBuffer([example], gamma, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=1.0)
-    _, cache = task.teacher_pass(example)
+    toy, adapted, example, task, replay, cache = _toy_draft_case(toy_llama, truth=1.0)
+    tokens, gamma, low = example.tokens, 3, 1
     positions = torch.tensor([5, 6])
     replay.alternatives["toy"][positions] = torch.tensor([0, 4])
     replay.predictions["toy"][6] = 3  # a wrong first choice stays
@@ -279,14 +284,10 @@ def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
 
 def test_chained_previous_blocks_feed_each_other(toy_llama):
     """previous_blocks=2: the block at cut − 1 reads the drafts of the block at cut − 2."""
-    from crosswhisper.training import Example, LMTask, ReplayBuffer, TrainingConfig, _previous_block_drafts
+    from crosswhisper.training import TrainingConfig, _previous_block_drafts
 
-    toy, adapted = toy_llama
-    tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
-    example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
-    task, gamma, low = LMTask(toy), 3, 1
-    replay = ReplayBuffer([example], gamma, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=1.0)
-    _, cache = task.teacher_pass(example)
+    _, adapted, example, task, replay, cache = _toy_draft_case(toy_llama, truth=1.0)
+    gamma, low = 3, 1
     with torch.no_grad():
         earliest = replay.drafts(example, torch.tensor([3]), gamma)
         middle = task.student_logits(adapted, example, torch.tensor([3]), earliest, cache)[:, 1:].argmax(-1)
