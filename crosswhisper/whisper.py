@@ -217,7 +217,8 @@ def shipped_adapter_for(bundle: WhisperBundle) -> Optional[Path]:
 # size, so a few slots are fastest (measured: see the adapter card); on a GPU a call costs nearly
 # the same for 1 or 17 tokens, so the γ that drafts the most tokens per forward wins: the shipped
 # adapters were trained on γ = 4 blocks and draft best there (tiny.en test-clean 1.89 at γ = 4
-# against 1.46 at γ = 16; base 1.65 against 1.34). Not yet timed on a GPU.
+# against 1.46 at γ = 16, base 1.65 against 1.34 before its retraining: see the cards).
+# Not yet timed on a GPU.
 DEFAULT_GAMMA = {"cpu": 3, "cuda": 4}
 
 
