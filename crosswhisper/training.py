@@ -301,10 +301,20 @@ class ReplayBuffer:
     and its second choice there (a plausible wrong draft, see `rejected_draft_prob`)."""
 
     def __init__(
-        self, examples: Sequence[Example], gamma: int, vocab: int, placeholder: int, generator, truth: float = 0.5
+        self,
+        examples: Sequence[Example],
+        gamma: int,
+        vocab: int,
+        placeholder: int,
+        generator,
+        truth: float = 0.5,
+        *,
+        alternatives: bool = False,
     ):
         self.vocab = vocab
         self.predictions = {}
+        # second choices, kept only for runs that need wrong drafts: their random start draws
+        # from the generator, and runs without them must reproduce as before
         self.alternatives = {}
         for ex in examples:
             # start from the truth corrupted at 1 - truth: early drafts are poor, as at inference
@@ -312,8 +322,8 @@ class ReplayBuffer:
             flip = torch.rand(noisy.shape, generator=generator) < 1.0 - truth
             noisy[flip] = torch.randint(vocab, (int(flip.sum()),), generator=generator)
             self.predictions[ex.utterance] = torch.cat([noisy, torch.full((gamma + 1,), placeholder)])
-            # random until the student's second choices replace them
-            self.alternatives[ex.utterance] = torch.randint(vocab, (noisy.shape[0] + gamma + 1,), generator=generator)
+            if alternatives:  # random until the student's second choices replace them
+                self.alternatives[ex.utterance] = torch.randint(vocab, (noisy.shape[0] + gamma + 1,), generator=generator)
 
     def drafts(self, ex: Example, cuts: torch.Tensor, gamma: int) -> torch.Tensor:
         index = cuts.view(-1, 1) + torch.arange(1, gamma + 1).view(1, -1)
@@ -322,7 +332,7 @@ class ReplayBuffer:
     def update(self, ex: Example, cuts: torch.Tensor, argmax: torch.Tensor, second: Optional[torch.Tensor] = None) -> None:
         index = cuts.view(-1, 1) + torch.arange(1, argmax.shape[1] + 1).view(1, -1)
         self.predictions[ex.utterance][index] = argmax
-        if second is not None:
+        if second is not None and ex.utterance in self.alternatives:
             self.alternatives[ex.utterance][index] = second
 
     def wrong_draft(self, ex: Example, positions: torch.Tensor) -> torch.Tensor:
@@ -573,7 +583,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup * config.steps), config.steps)
-    replay = ReplayBuffer(examples, config.gamma, task.vocab_size, task.placeholder_id, generator, config.replay_truth)
+    replay = ReplayBuffer(
+        examples, config.gamma, task.vocab_size, task.placeholder_id, generator, config.replay_truth,
+        alternatives=config.rejected_draft_prob > 0,
+    )
     checkpoint = output_dir / "checkpoint"
     step = 0
     if resume and (checkpoint / "state.pt").exists():

@@ -230,7 +230,7 @@ def _toy_draft_case(toy_llama, *, truth: float):
     tokens = torch.tensor([0, 3, 1, 4, 2, 2, 1, 3, 0, 4, 1])
     example = Example(utterance="toy", encoder_states=None, tokens=tokens, prompt_length=2)
     task = LMTask(toy)
-    replay = ReplayBuffer([example], 3, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=truth)
+    replay = ReplayBuffer([example], 3, V, toy.placeholder_id, torch.Generator().manual_seed(0), truth=truth, alternatives=True)
     _, cache = task.teacher_pass(example)
     return toy, adapted, example, task, replay, cache
 
@@ -279,6 +279,16 @@ def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
     assert torch.equal(replay.alternatives["toy"][6:9], logits.topk(2, dim=-1).indices[:, 1])
     with pytest.raises(ValueError, match="previous-block"):
         TrainingConfig(rejected_draft_prob=0.5)
+    # runs without wrong drafts keep no second choices and draw nothing more from the generator
+    # than before they existed (their seeds reproduce earlier runs)
+    from crosswhisper.training import ReplayBuffer
+
+    generator, expected = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    plain = ReplayBuffer([example], gamma, V, toy.placeholder_id, generator, truth=0.5)
+    flip = torch.rand(tokens.shape, generator=expected) < 0.5
+    torch.randint(V, (int(flip.sum()),), generator=expected)
+    assert plain.alternatives == {} and torch.equal(generator.get_state(), expected.get_state())
+    plain.update(example, torch.tensor([4]), torch.zeros(1, gamma, dtype=torch.long), torch.ones(1, gamma, dtype=torch.long))
     assert "rej0.9" in TrainingConfig(draft_source="previous-block", rejected_draft_prob=0.9).run_name()
 
 
