@@ -88,6 +88,12 @@ class TrainingConfig:
     # 2: that block's drafts come from the block at cut − 2, as at inference after two
     # one-token passes). One more no-grad student pass per extra block.
     previous_blocks: int = 1
+    # loss only on the slots whose predictions inference reuses. After a pass commits its
+    # drafts d_1..d_n (the longest right prefix), the next block's drafts are this pass's
+    # predictions at slots n+1..γ: slot j is reused only when the block's first wrong (or
+    # empty) draft is at a slot ≤ j. Training on every slot mostly teaches blocks whose drafts
+    # are right, a state whose predictions inference throws away.
+    reused_slots_only: bool = False
     # warm start: a peft adapter directory of the same rank and modules (None = zero delta)
     init_adapter: Optional[str] = None
     seed: int = 0
@@ -117,6 +123,8 @@ class TrainingConfig:
             name += f"-rej{self.rejected_draft_prob:g}"
         if self.previous_blocks != default.previous_blocks:
             name += f"-chain{self.previous_blocks}"
+        if self.reused_slots_only:
+            name += "-reused"
         if self.init_adapter:
             name += f"-from-{Path(self.init_adapter).name}"
         return name
@@ -490,13 +498,27 @@ def distillation_step(
         argmax = log_q.argmax(-1)
         hits = (argmax == targets) & valid
         weights = suffix_weights(hits, valid)
+        if config.reused_slots_only:
+            weights = weights * reused_slots(drafts, example.tokens, cuts)
     cross_entropy = -(p * log_q).sum(-1)  # [rows, γ+1]
-    loss = (weights * cross_entropy).sum() / weights.sum()
+    loss = (weights * cross_entropy).sum() / weights.sum().clamp_min(1.0)
     if config.draft_source == "replay":
         replay.update(example, cuts, argmax[:, :gamma])
     # drafts accepted in a row from slot 1 on if this block were verified: a live τ proxy
     run = (hits.long().cumprod(-1)).sum(-1).float()
     return loss, {"hits": hits.sum().item() / max(valid.sum().item(), 1), "run": run.mean().item()}
+
+
+def reused_slots(drafts: torch.Tensor, tokens: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
+    """[rows, γ+1] True at the slots whose predictions the next block would draft with if
+    this block were verified: slots after the n drafts it commits (n = leading drafts equal
+    to the true tokens; a placeholder or a position past the end is never right)."""
+    gamma = drafts.shape[1]
+    positions = cuts.view(-1, 1) + torch.arange(1, gamma + 1).view(1, -1)
+    inside = positions < tokens.shape[0]
+    right = inside & (drafts == tokens[positions.clamp_max(tokens.shape[0] - 1)])
+    committed = right.long().cumprod(-1).sum(-1, keepdim=True)  # n
+    return torch.arange(gamma + 1).view(1, -1) > committed
 
 
 def _previous_block_drafts(
@@ -529,9 +551,12 @@ def _previous_block_drafts(
     return drafts
 
 
+DRAFT_FIELDS = ("draft_source", "rejected_draft_prob", "previous_blocks", "reused_slots_only")
+
+
 def add_draft_arguments(parser) -> None:
-    """The recipes' command-line options for where the training drafts come from (the
-    `TrainingConfig` fields draft_source, rejected_draft_prob, previous_blocks)."""
+    """The recipes' command-line options for how training blocks are made, as at inference
+    (the `TrainingConfig` fields of DRAFT_FIELDS; `draft_options(args)` reads them back)."""
     parser.add_argument(
         "--draft-source", choices=("replay", "previous-block"), default=TrainingConfig.draft_source,
         help="training drafts: the replay buffer, or the student's drafts from the block one position earlier",
@@ -544,6 +569,15 @@ def add_draft_arguments(parser) -> None:
         "--previous-blocks", type=int, default=TrainingConfig.previous_blocks,
         help="with previous-block drafts: earlier blocks chained, each feeding the next its drafts",
     )
+    parser.add_argument(
+        "--reused-slots-only", action="store_true",
+        help="loss only on the slots whose predictions inference reuses (after the block's first wrong draft)",
+    )
+
+
+def draft_options(args) -> dict:
+    """The DRAFT_FIELDS of TrainingConfig from arguments parsed with `add_draft_arguments`."""
+    return {name: getattr(args, name) for name in DRAFT_FIELDS}
 
 
 def _warm_start(task: DistillationTask, adapted: AdaptedModel, directory: Path) -> None:

@@ -29,6 +29,7 @@ from crosswhisper.models import cache_dir  # noqa: E402
 from crosswhisper.training import (  # noqa: E402
     TrainingConfig,
     add_draft_arguments,
+    draft_options,
     export_adapter,
     prepare_examples,
     tokens_per_forward,
@@ -103,8 +104,7 @@ def main(argv=None) -> int:
     config = TrainingConfig(
         gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
         cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
-        replay_truth=args.replay_truth, draft_source=args.draft_source,
-        rejected_draft_prob=args.rejected_draft_prob, previous_blocks=args.previous_blocks,
+        replay_truth=args.replay_truth, **draft_options(args),
         init_adapter=str(args.init_adapter) if args.init_adapter else None,
     )
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from crosswhisper.training import (
     block_mask,
     distillation_step,
     prepare_examples,
+    reused_slots,
     student_logits,
     suffix_weights,
     train,
@@ -30,6 +31,42 @@ def test_suffix_weights():
     valid = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
     # s_t = run of correct predictions after t; weight s_t + 1, zero where there is no target
     assert suffix_weights(hits, valid).tolist() == [[2, 1, 3, 2, 0], [1, 1, 1, 1, 1]]
+
+
+def test_reused_slots_are_the_predictions_inference_drafts_with():
+    """reused_slots marks the slots whose predictions the decode loop puts in the next block:
+    checked against verify_greedy + DraftBuffer.refill on blocks with every first-wrong slot."""
+    from crosswhisper.acceptance import AcceptanceRule, DraftBuffer, verify_greedy
+
+    gamma, vocab, placeholder = 4, 50, 49
+    tokens = torch.arange(10, 30)  # the true sequence; no token equals the placeholder
+    cuts = torch.tensor([3, 3, 3, 3, 3, 16, 17])
+    drafts = tokens[(cuts.view(-1, 1) + torch.arange(1, gamma + 1)).clamp_max(len(tokens) - 1)].clone()
+    drafts[0, 0] = 0  # first draft wrong: n = 0
+    drafts[1, 2] = 0  # n = 2, later drafts right again
+    drafts[2, 3] = placeholder  # an empty slot ends the accepted prefix: n = 3
+    # row 3: all right, n = 4 (nothing reused); row 4: right then wrong then placeholder
+    drafts[4, 1], drafts[4, 2:] = 0, placeholder
+    drafts[5:, :] = torch.tensor([[27, 28, 29, placeholder], [28, 29, placeholder, placeholder]])  # the end
+    reused = reused_slots(drafts, tokens, cuts)
+    assert reused.tolist()[:5] == [
+        [False, True, True, True, True],
+        [False, False, False, True, True],
+        [False, False, False, False, True],
+        [False] * 5,
+        [False, False, True, True, True],
+    ]
+    rule = AcceptanceRule(beta=0.0, tau=0.0, gamma=gamma)
+    for row in range(len(cuts)):
+        targets = tokens[(cuts[row] + torch.arange(1, gamma + 2)).clamp_max(len(tokens) - 1)]
+        control = torch.nn.functional.one_hot(targets, vocab).float().unsqueeze(0)  # argmax = truth
+        valid = drafts[row : row + 1] != placeholder
+        n, _ = verify_greedy(control, drafts[row : row + 1], valid, rule)
+        buffer = DraftBuffer.empty(1, gamma, vocab, placeholder=placeholder, sampling=False)
+        buffer.refill(int(n[0]), torch.arange(gamma + 1), None)  # slot j predicts token j
+        drafted_from = set(buffer.tokens[0][buffer.valid[0]].tolist())
+        assert drafted_from == {j for j in range(gamma + 1) if reused[row, j]}, row
+    assert TrainingConfig(reused_slots_only=True).run_name().endswith("-reused")
 
 
 def test_block_mask_pattern():
