@@ -118,20 +118,26 @@ def verify_sampled(
     valid: torch.Tensor,
     rule: AcceptanceRule,
     generator: Optional[torch.Generator] = None,
+    exact_only: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling verification (T > 0). Returns (n [B], next_token [B]).
 
     The next token is the correction x_c ~ norm(max(0, P_{n+1} − q̂_{n+1})) after a rejection,
     or the bonus x ~ P_{γ+1} when all γ drafts were accepted. A slot without a draft is
     treated as a rejection whose proposal put no mass anywhere, so x_c ~ P_{n+1}.
+    `exact_only` [B, γ] marks drafts the lossy rule may not accept (end-of-sequence tokens):
+    they pass only the lossless test U_k ≤ p_k / q_k.
     """
     check_shapes(P, drafts, valid, q_hat)
     B, gamma = drafts.shape
     p_draft = _gather(P[:, :gamma], drafts)
     q_draft = _gather(q_hat, drafts)
     log_u = torch.rand((B, gamma), generator=generator, device=P.device, dtype=P.dtype).log()
-    rho_hat = smoothed_energies(energies(p_draft, q_draft), rule.beta)
-    n = accepted_prefix(rho_hat >= thresholds(log_u, rule.tau, rule.gamma), valid)
+    energy = energies(p_draft, q_draft)
+    passed = smoothed_energies(energy, rule.beta) >= thresholds(log_u, rule.tau, rule.gamma)
+    if exact_only is not None and not rule.lossless:
+        passed = torch.where(exact_only, energy >= log_u, passed)
+    n = accepted_prefix(passed, valid)
 
     rows = torch.arange(B, device=P.device)
     P_next = P[rows, n]  # P_{n+1} (index n, 0-based): the distribution after the accepted prefix
@@ -147,28 +153,35 @@ def verify_greedy(
     drafts: torch.Tensor,
     valid: torch.Tensor,
     rule: AcceptanceRule,
-    Q_logits: Optional[torch.Tensor] = None,
+    q_hat: Optional[torch.Tensor] = None,
+    exact_only: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification (T = 0). Returns (n [B], next_token [B]).
 
     The target is one-hot at argmax P_k, so lossless acceptance is d_k == argmax P_k and the
     output is token-identical to greedy decoding; the next token is argmax P_{n+1}.
     Lossy (β > 0 or τ < 0) also accepts a slot whose smoothed energy, from the untempered
-    (T = 1) distributions with q_k = Q_k(d_k), stays above τ√(k/γ) (U fixed at 1: deterministic).
-    `Q_logits` [B, γ, V] are the proposal logits of the drafts; needed only in lossy mode.
+    (T = 1) distributions, stays above τ√(k/γ) (U fixed at 1: deterministic). Its q_k is
+    q̂_k(d_k), the cached proposal the draft was taken from (`q_hat` [B, γ, V], lossy only): a
+    later pass's Q_k would give E ≈ 0 to a draft that neither stream wants any more.
+    `exact_only` [B, γ] marks drafts the lossy rule may not accept (end-of-sequence tokens):
+    they pass only as argmax P_k.
     """
-    check_shapes(P_logits, drafts, valid, Q_logits if not rule.lossless else None)
+    check_shapes(P_logits, drafts, valid, q_hat if not rule.lossless else None)
     B, gamma = drafts.shape
     target = P_logits.argmax(dim=-1)  # [B, γ+1]
     passed = drafts == target[:, :gamma]
     if not rule.lossless:
-        if Q_logits is None:
-            raise ValueError("lossy greedy verification needs the proposal logits")
+        if q_hat is None:
+            raise ValueError("lossy greedy verification needs the drafts' proposals q_hat")
         p_draft = _gather(P_logits[:, :gamma].log_softmax(-1), drafts).exp()
-        q_draft = _gather(Q_logits.log_softmax(-1), drafts).exp()
+        q_draft = _gather(q_hat, drafts)
         rho_hat = smoothed_energies(energies(p_draft, q_draft), rule.beta)
         eta = thresholds(torch.zeros_like(rho_hat), rule.tau, rule.gamma)
-        passed = passed | (rho_hat >= eta)
+        loose = rho_hat >= eta
+        if exact_only is not None:
+            loose = loose & ~exact_only
+        passed = passed | loose
     n = accepted_prefix(passed, valid)
     rows = torch.arange(B, device=P_logits.device)
     return n, target[rows, n]
@@ -180,21 +193,23 @@ class DraftBuffer:
 
     Fixed shapes keep every forward call the same size (batched, GPU-friendly). `q_hat` is
     cached when a draft is sampled and never recomputed (Appendix C): exactness needs the
-    very distribution the draft was drawn from. Greedy decoding keeps no q_hat (one-hot).
+    very distribution the draft was drawn from. Lossless greedy decoding keeps no q_hat; lossy
+    greedy keeps the T = 1 distribution each argmax draft was taken from (its energies need it).
     """
 
     tokens: torch.Tensor  # [B, γ] draft ids; placeholder id in empty slots
     valid: torch.Tensor  # [B, γ] bool: slot holds a draft sampled from q_hat
-    q_hat: Optional[torch.Tensor]  # [B, γ, V] proposals (sampling) or None (greedy)
+    q_hat: Optional[torch.Tensor]  # [B, γ, V] proposals (sampling, lossy greedy) or None (lossless greedy)
     placeholder: int  # id fed to the model in empty slots
     carried: int = 0  # drafts carried over from earlier passes (statistics)
 
     @classmethod
-    def empty(cls, batch: int, gamma: int, vocab: int, *, placeholder: int, sampling: bool, device=None):
+    def empty(cls, batch: int, gamma: int, vocab: int, *, placeholder: int, proposals: bool, device=None):
+        """An empty buffer; `proposals`: keep q_hat (sampling, lossy greedy)."""
         return cls(
             tokens=torch.full((batch, gamma), placeholder, dtype=torch.long, device=device),
             valid=torch.zeros((batch, gamma), dtype=torch.bool, device=device),
-            q_hat=torch.zeros((batch, gamma, vocab), device=device) if sampling else None,
+            q_hat=torch.zeros((batch, gamma, vocab), device=device) if proposals else None,
             placeholder=placeholder,
         )
 

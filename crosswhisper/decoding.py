@@ -127,11 +127,12 @@ def decode(
     `eos_token_id`: the token, or tokens, that end the sequence (kept in the output).
     """
     stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     gamma, sampling = options.gamma, options.temperature > 0
     rule = AcceptanceRule(beta=options.beta, tau=options.tau, gamma=gamma) if gamma else None
-    buffer = DraftBuffer.empty(
-        1, gamma, model.vocab_size, placeholder=placeholder_id, sampling=sampling and gamma > 0, device=device
-    )
+    # the lossy greedy test judges a draft by the distribution it was taken from, so keep that too
+    proposals = gamma > 0 and (sampling or not rule.lossless)
+    buffer = DraftBuffer.empty(1, gamma, model.vocab_size, placeholder=placeholder_id, proposals=proposals, device=device)
     result = DecodeResult(tokens=[])
     pending = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     model.reset(1)
@@ -140,6 +141,9 @@ def decode(
         # near the model's length limit only the drafts that still fit are verified
         fit = min(gamma, model.max_length - model.length - pending.shape[1])
         drafts, valid = buffer.tokens[:, :fit], buffer.valid[:, :fit]
+        # a lossy rule would end the sequence on any drafted stop token it lets through (a
+        # transcript cut to its first word): stop tokens are accepted only by the exact test
+        exact_only = torch.isin(drafts, stop_tensor)
         out = model.forward_block(pending, drafts)
         result.forward_calls += 1
         P_logits = out.control_logits.float()
@@ -152,11 +156,11 @@ def decode(
             n, next_token = 0, int(_sample(P_logits[0, :1], options.temperature, generator)[0][0])
         elif sampling:
             P = torch.softmax(P_logits / options.temperature, dim=-1)
-            n_t, next_t = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator)
+            n_t, next_t = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator, exact_only)
             n, next_token = int(n_t[0]), int(next_t[0])
         else:
-            Q_drafts = None if rule.lossless else out.predictive_logits[:, :fit].float()
-            n_t, next_t = verify_greedy(P_logits, drafts, valid, rule, Q_drafts)
+            q_hat = None if rule.lossless else buffer.q_hat[:, :fit]
+            n_t, next_t = verify_greedy(P_logits, drafts, valid, rule, q_hat, exact_only)
             n, next_token = int(n_t[0]), int(next_t[0])
 
         new_tokens = buffer.tokens[0, :n].tolist() + [next_token]
@@ -173,6 +177,8 @@ def decode(
         model.commit(pending.shape[1] + n)
         if gamma:
             new_drafts, new_q = _sample(out.predictive_logits[0], options.temperature, generator)
+            if new_q is None and proposals:  # lossy greedy: the T = 1 proposal of each argmax draft
+                new_q = torch.softmax(out.predictive_logits[0].float(), dim=-1)
             buffer.refill(n, new_drafts, new_q, carry=options.refill == "carry")
         pending = torch.tensor([[next_token]], dtype=torch.long, device=device)
 

@@ -126,7 +126,7 @@ def test_carry_refill_really_carries_drafts():
     model = MarkovStreams(seed=5)
     from crosswhisper.acceptance import DraftBuffer
 
-    buffer = DraftBuffer.empty(1, 4, V, placeholder=0, sampling=True)
+    buffer = DraftBuffer.empty(1, 4, V, placeholder=0, proposals=True)
     buffer.tokens[0] = torch.tensor([1, 2, 3, 1])
     buffer.valid[0] = True
     buffer.q_hat[0] = torch.full((4, V), 1.0 / V)
@@ -207,8 +207,41 @@ def test_greedy_lossy_accepts_at_least_what_lossless_accepts():
     drafts[:, :2] = P[:, :2].argmax(-1)
     valid = torch.ones_like(drafts, dtype=torch.bool)
     n0, _ = verify_greedy(P, drafts, valid, AcceptanceRule(gamma=8))
-    n1, _ = verify_greedy(P, drafts, valid, AcceptanceRule(gamma=8, tau=-8.0), Q)
+    n1, _ = verify_greedy(P, drafts, valid, AcceptanceRule(gamma=8, tau=-8.0), Q.softmax(-1))
     assert torch.all(n0 >= 2) and torch.all(n1 >= n0)
+
+
+def test_lossy_rules_accept_a_stop_token_only_by_the_exact_test():
+    # a loose rule that lets a drafted end-of-text through cuts the sequence short for good
+    rule = AcceptanceRule(gamma=2, tau=-8.0)  # accepts drafts the target finds 25× too unlikely
+    P = torch.full((1, 3, V), 0.01)
+    P[0, :, 1] = 0.97  # the target hardly ever ends here
+    drafts, valid = torch.tensor([[3, 1]]), torch.ones(1, 2, dtype=torch.bool)
+    stop = drafts == 3
+    q = torch.full((1, 2, V), 1.0 / V)
+    assert verify_greedy(P.log(), drafts, valid, rule, q)[0].item() == 2
+    assert verify_greedy(P.log(), drafts, valid, rule, q, stop)[0].item() == 0
+    # sampled: the exact test passes the stop draft with chance p/q = 4 %; this seed draws above
+    g = torch.Generator().manual_seed(0)
+    assert verify_sampled(P, drafts, q, valid, rule, g)[0].item() == 2
+    assert verify_sampled(P, drafts, q, valid, rule, torch.Generator().manual_seed(0), stop)[0].item() == 0
+    P[0, 0] = torch.tensor([0.01, 0.01, 0.01, 0.97])  # now the target ends: the stop draft is exact
+    assert verify_greedy(P.log(), drafts, valid, rule, q, stop)[0].item() == 2
+
+
+def test_lossy_decoding_ends_only_where_the_control_stream_ends():
+    stop, ends = 3, 0
+    for seed in range(30):
+        model = MarkovStreams(seed)
+        out = decode(
+            model, PROMPT, options=DecodeOptions(gamma=3, tau=-1e4, max_new_tokens=12), eos_token_id=stop, placeholder_id=0
+        )
+        sequence = PROMPT + out.tokens
+        for last, token in zip(sequence[:-1], sequence[1:]):
+            if token == stop:  # a stop token is committed only as the control stream's argmax
+                ends += 1
+                assert model.log_P[last].argmax().item() == stop, seed
+    assert ends > 0
 
 
 @pytest.mark.parametrize(

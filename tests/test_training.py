@@ -62,7 +62,7 @@ def test_reused_slots_are_the_predictions_inference_drafts_with():
         control = torch.nn.functional.one_hot(targets, vocab).float().unsqueeze(0)  # argmax = truth
         valid = drafts[row : row + 1] != placeholder
         n, _ = verify_greedy(control, drafts[row : row + 1], valid, rule)
-        buffer = DraftBuffer.empty(1, gamma, vocab, placeholder=placeholder, sampling=False)
+        buffer = DraftBuffer.empty(1, gamma, vocab, placeholder=placeholder, proposals=False)
         buffer.refill(int(n[0]), torch.arange(gamma + 1), None)  # slot j predicts token j
         drafted_from = set(buffer.tokens[0][buffer.valid[0]].tolist())
         assert drafted_from == {j for j in range(gamma + 1) if reused[row, j]}, row
