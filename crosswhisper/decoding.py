@@ -141,9 +141,9 @@ def decode(
         # near the model's length limit only the drafts that still fit are verified
         fit = min(gamma, model.max_length - model.length - pending.shape[1])
         drafts, valid = buffer.tokens[:, :fit], buffer.valid[:, :fit]
-        # a lossy rule would end the sequence on any drafted stop token it lets through (a
-        # transcript cut to its first word): stop tokens are accepted only by the exact test
-        exact_only = torch.isin(drafts, stop_tensor)
+        # a stop token that a lossy rule lets through ends the sequence early and loses every
+        # word after it: lossy modes accept stop tokens only by the exact test
+        exact_only = None if rule is None or rule.lossless else torch.isin(drafts, stop_tensor)
         out = model.forward_block(pending, drafts)
         result.forward_calls += 1
         P_logits = out.control_logits.float()
