@@ -135,7 +135,7 @@ def verify_sampled(
     log_u = torch.rand((B, gamma), generator=generator, device=P.device, dtype=P.dtype).log()
     energy = energies(p_draft, q_draft)
     passed = smoothed_energies(energy, rule.beta) >= thresholds(log_u, rule.tau, rule.gamma)
-    if exact_only is not None and not rule.lossless:
+    if exact_only is not None:  # (a no-op when lossless: that test is energy ≥ log U already)
         passed = torch.where(exact_only, energy >= log_u, passed)
     n = accepted_prefix(passed, valid)
 

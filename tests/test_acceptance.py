@@ -222,8 +222,7 @@ def test_lossy_rules_accept_a_stop_token_only_by_the_exact_test():
     assert verify_greedy(P.log(), drafts, valid, rule, q)[0].item() == 2
     assert verify_greedy(P.log(), drafts, valid, rule, q, stop)[0].item() == 0
     # sampled: the exact test passes the stop draft with chance p/q = 4 %; this seed draws above
-    g = torch.Generator().manual_seed(0)
-    assert verify_sampled(P, drafts, q, valid, rule, g)[0].item() == 2
+    assert verify_sampled(P, drafts, q, valid, rule, torch.Generator().manual_seed(0))[0].item() == 2
     assert verify_sampled(P, drafts, q, valid, rule, torch.Generator().manual_seed(0), stop)[0].item() == 0
     P[0, 0] = torch.tensor([0.01, 0.01, 0.01, 0.97])  # now the target ends: the stop draft is exact
     assert verify_greedy(P.log(), drafts, valid, rule, q, stop)[0].item() == 2
