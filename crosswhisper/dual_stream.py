@@ -200,8 +200,10 @@ class GatedLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B_scaled: torch.Tensor, gate: StreamGate):
         super().__init__()
         self.base = base
-        self.register_buffer("A_t", lora_A.detach().t().contiguous())
-        self.register_buffer("B_t", lora_B_scaled.detach().t().contiguous())
+        # peft keeps adapter weights in float32 under a float16/bfloat16 model: match the layer
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.register_buffer("A_t", lora_A.detach().to(**like).t().contiguous())
+        self.register_buffer("B_t", lora_B_scaled.detach().to(**like).t().contiguous())
         self.stream_gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

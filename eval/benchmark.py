@@ -37,6 +37,23 @@ from crosswhisper.whisper import (  # noqa: E402
 )
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "LibriSpeech" / "test-clean"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUDIO_SUFFIXES = (".flac", ".opus", ".wav")  # test-clean is FLAC, train-clean-5 Opus
+
+
+def _bundle(args):
+    return get_bundle(args.model, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def _audio_files(args) -> list[Path]:
+    return sorted(p for p in Path(args.data).rglob("*") if p.suffix in AUDIO_SUFFIXES)
+
+
+def _clock(device: str) -> float:
+    """perf_counter after the device's queued work is done (GPU kernels run asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _adapter(bundle, spec: str):
@@ -52,10 +69,11 @@ def _adapter(bundle, spec: str):
 
 def call_cost(args) -> dict:
     """Median wall time of one decoder call over a 40-token committed prefix, per block shape."""
-    bundle = get_bundle(args.model)
+    bundle = _bundle(args)
     adapted = _adapter(bundle, args.adapter)
     whisper = adapted.peft_model.base_model.model
-    audio = load_audio(next(iter(sorted(Path(args.data).rglob("*.flac")))))
+    audio = load_audio(_audio_files(args)[0])
+    device = bundle.model.device
     hidden = encode(bundle, audio)
     prompt = decoder_prompt(bundle, "en")
     filler = bundle.tokenizer.encode(" the", add_special_tokens=False)[0]  # any ordinary token
@@ -71,19 +89,19 @@ def call_cost(args) -> dict:
 
     def setup(model):
         model.reset(1)
-        model.forward_block(torch.tensor([prefix]), torch.empty(1, 0, dtype=torch.long))
+        model.forward_block(torch.tensor([prefix], device=device), torch.empty(1, 0, dtype=torch.long, device=device))
         model.commit(len(prefix))
 
     def block_call(model, r, g):
         # the design as implemented: one call, logits at the last pending token and every draft
-        return lambda: model.forward_block(torch.full((1, r), filler), torch.full((1, g), filler))
+        return lambda: model.forward_block(torch.full((1, r), filler, device=device), torch.full((1, g), filler, device=device))
 
     def one_row_call(model, block):
         # the two-stream layout's arithmetic: one row of [pending, d_1..d_γ | x_last, d_1..d_γ]
         # (2·block − 1 tokens, LoRA layers present) projecting all of them onto the vocabulary
         def run():
             hidden = model.decoder(
-                input_ids=torch.full((1, 2 * block - 1), filler),
+                input_ids=torch.full((1, 2 * block - 1), filler, device=device),
                 encoder_hidden_states=hidden_states,
                 past_key_values=model._cache,
                 use_cache=True,
@@ -105,27 +123,27 @@ def call_cost(args) -> dict:
         for rep in range(args.repeats + 2):  # the first two rounds warm up
             for label, model, run in shapes:  # interleaved
                 setup(model)
-                t0 = time.perf_counter()
+                t0 = _clock(args.device)
                 run()
                 if rep >= 2:
-                    times[label].append(time.perf_counter() - t0)
+                    times[label].append(_clock(args.device) - t0)
     base = statistics.median(times[shapes[0][0]])
     rows = [
         {"shape": label, "ms": 1000 * statistics.median(ts), "vs_single_token": statistics.median(ts) / base}
         for label, ts in times.items()
     ]
-    print(f"\n{args.model}, torch threads {torch.get_num_threads()}, median of {args.repeats}\n")
+    print(f"\n{args.model}, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}\n")
     print("| call | ms | × single-token step |\n|---|---|---|")
     for row in rows:
         print(f"| {row['shape']} | {row['ms']:.1f} | {row['vs_single_token']:.2f} |")
-    return {"model": args.model, "threads": torch.get_num_threads(), "rows": rows}
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "rows": rows}
 
 
 def decode_speed(args) -> dict:
     """Decode phase on every utterance: generate (reference), our AR loop, cross-regression."""
-    bundle = get_bundle(args.model)
+    bundle = _bundle(args)
     adapted = _adapter(bundle, args.adapter)
-    files = sorted(Path(args.data).rglob("*.flac"))[: args.max_utterances]
+    files = _audio_files(args)[: args.max_utterances]
     windows = []
     for path in files:
         hidden = encode(bundle, load_audio(path))
@@ -143,9 +161,9 @@ def decode_speed(args) -> dict:
     for utt, hidden, prompt in windows:
         reference = None
         for name, run in systems.items():  # interleaved per utterance
-            t0 = time.perf_counter()
+            t0 = _clock(args.device)
             tokens, calls = run(hidden, prompt)
-            seconds = time.perf_counter() - t0
+            seconds = _clock(args.device) - t0
             reference = tokens if reference is None else reference
             total = totals[name]
             total["seconds"] += seconds
@@ -153,7 +171,7 @@ def decode_speed(args) -> dict:
             total["calls"] += calls
             total["mismatches"] += tokens != reference
     ref = totals["generate (reference)"]["seconds"]
-    print(f"\n{args.model}, adapter {args.adapter}, {len(windows)} utterances, threads {torch.get_num_threads()}\n")
+    print(f"\n{args.model}, adapter {args.adapter}, {len(windows)} utterances, {args.device} {args.dtype}, threads {torch.get_num_threads()}\n")
     print("| system | tokens/forward | decode s | × reference speed | token mismatches |\n|---|---|---|---|---|")
     for name, t in totals.items():
         t["tokens_per_forward"] = t["tokens"] / t["calls"]
@@ -162,7 +180,8 @@ def decode_speed(args) -> dict:
             f"| {name} | {t['tokens_per_forward']:.3f} | {t['seconds']:.2f} | "
             f"{t['speedup_vs_reference']:.2f} | {t['mismatches']} |"
         )
-    return {"model": args.model, "adapter": args.adapter, "utterances": len(windows), "systems": totals}
+    return {"model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype,
+            "utterances": len(windows), "systems": totals}
 
 
 def _run_generate(bundle, hidden, prompt):
@@ -184,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gammas", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-utterances", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     result = call_cost(args) if args.what == "call_cost" else decode_speed(args)

@@ -122,6 +122,21 @@ def test_lossy_keeps_the_words_of_the_lossless_transcript(trained_case):
         assert word_error_rate(lossless, lossy) < LOSSY_WER_BOUND, options
 
 
+def test_half_precision_model_with_adapter_stays_lossless(test_clean, test_clean_audio):
+    # GPU runs use float16 weights while peft keeps the LoRA weights in float32: the fused layers
+    # must follow the model's dtype (they raised a dtype error before 2026-11-26)
+    bundle = get_bundle("tiny.en", dtype=torch.float16)
+    adapted = load_adapter(bundle, shipped_adapter("tiny.en"))
+    tokens = calls = 0
+    for utt, _, _ in test_clean[:2]:
+        hidden = encode(bundle, test_clean_audio[utt])
+        prompt = decoder_prompt(bundle, "en")
+        result = decode_window(bundle, hidden, prompt, adapted=adapted, options=DecodeOptions(gamma=4))
+        assert result.tokens == generate_greedy(bundle, hidden, prompt)[0], utt
+        tokens, calls = tokens + len(result.tokens), calls + result.forward_calls
+    assert tokens / calls > 1.25
+
+
 def test_transcribe_with_adapter_directory(tmp_path, test_clean):
     bundle = get_bundle("tiny.en")
     adapted = new_adapter(bundle, rank=8, random_init=True, seed=1)
