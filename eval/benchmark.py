@@ -1,7 +1,9 @@
-"""Decoder benchmarks: cost of one dual-stream call, and decode-phase speed on LibriSpeech.
+"""Decoder benchmarks: cost of one dual-stream call, decode-phase speed on LibriSpeech, and
+where a decode's time goes (phases).
 
     python eval/benchmark.py call_cost --model tiny.en
     python eval/benchmark.py decode --model tiny.en --adapter random --gammas 4 16
+    python eval/benchmark.py phases --model base --adapter crosswhisper/adapters/base --gammas 0 4 8
 
 Everything is measured in one process, systems interleaved per repetition/utterance after a
 warm-up, and reported as ratios against the baseline of the same run (DESIGN §4): absolute
@@ -184,6 +186,66 @@ def decode_speed(args) -> dict:
             "utterances": len(windows), "systems": totals}
 
 
+def phases(args) -> dict:
+    """Wall time of each phase of our decoding loop (device synchronised around each phase)."""
+    import collections
+
+    import crosswhisper.decoding as decoding
+    from crosswhisper.acceptance import DraftBuffer
+
+    totals, counts = collections.Counter(), collections.Counter()
+
+    def timed(name, function):
+        def run(*a, **k):
+            t0 = _clock(args.device)
+            result = function(*a, **k)
+            totals[name] += _clock(args.device) - t0
+            counts[name] += 1
+            return result
+
+        return run
+
+    patches = [
+        (HFDualStream, "forward_block"), (HFDualStream, "commit"), (decoding, "verify_greedy"),
+        (DraftBuffer, "refill"), (decoding, "_sample"),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in patches]
+    for owner, name, function in originals:
+        setattr(owner, name, timed(name, function))
+    try:
+        bundle = _bundle(args)
+        adapted = _adapter(bundle, args.adapter)
+        windows = [(encode(bundle, load_audio(path)), decoder_prompt(bundle, "en")) for path in _audio_files(args)]
+        windows = windows[: args.max_utterances]
+        rows = []
+        for gamma in args.gammas:
+            options = DecodeOptions(gamma=gamma)
+            decode_window(bundle, *windows[0], adapted=adapted, options=options)  # warm-up
+            totals.clear()
+            counts.clear()
+            tokens, t0 = 0, _clock(args.device)
+            for hidden, prompt in windows:
+                tokens += len(decode_window(bundle, hidden, prompt, adapted=adapted, options=options).tokens)
+            seconds = _clock(args.device) - t0
+            calls = counts["forward_block"]
+            row = {"gamma": gamma, "tokens": tokens, "calls": calls, "ms_per_call": 1000 * seconds / calls,
+                   "phases_ms": {name: 1000 * t for name, t in totals.items()}}
+            row["phases_ms"]["rest of the loop"] = 1000 * seconds - sum(row["phases_ms"].values())
+            rows.append(row)
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
+    print(f"\n{args.model}, adapter {args.adapter}, {len(windows)} utterances, {args.device} {args.dtype}\n")
+    names = [name for _, name in patches] + ["rest of the loop"]
+    print("| γ | tokens/call | ms/call | " + " | ".join(names) + " |")
+    print("|---" * (3 + len(names)) + "|")
+    for row in rows:
+        per_call = [f"{row['phases_ms'].get(name, 0.0) / row['calls']:.2f}" for name in names]
+        print(f"| {row['gamma']} | {row['tokens'] / row['calls']:.2f} | {row['ms_per_call']:.2f} | " + " | ".join(per_call) + " |")
+    print("\n(phase columns: ms per forward call)")
+    return {"model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype, "rows": rows}
+
+
 def _run_generate(bundle, hidden, prompt):
     return generate_greedy(bundle, hidden, prompt)
 
@@ -195,7 +257,7 @@ def _run_loop(bundle, hidden, prompt, adapted, options):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["call_cost", "decode"])
+    parser.add_argument("what", choices=["call_cost", "decode", "phases"])
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--adapter", default="random", help="'random' (untrained) or a peft adapter directory")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
@@ -207,7 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = call_cost(args) if args.what == "call_cost" else decode_speed(args)
+    result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
