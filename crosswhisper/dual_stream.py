@@ -20,7 +20,9 @@ rank-32 LoRA, medians of 20, ratio to a plain single-token step of 7.6 ms): two 
 17 / 33 tokens cost 1.26 / 2.08 / 3.19 / 4.72×, one row of 1 / 15 / 33 / 65 tokens 1.01 / 2.08 /
 3.04 / 4.40× — and that one-row figure leaves out the per-token LoRA routing and the custom
 attention layout inside every layer that it would need. Two rows use the stock decoder; the
-≤ 7 % difference did not pay for a second attention path.
+≤ 7 % difference did not pay for a second attention path. On a GPU it would: on an H200
+(base, float16, 2026-11-26) two rows of 4–33 tokens cost 1.82–1.87× a single-token step and
+one row of 7–65 tokens 1.23–1.25× (eval/README.md, GPU).
 Where a call's time goes instead: reading the weights (the 80 MB vocabulary projection evicts
 the caches, see `project`), the cross-attention over 1500 audio frames for both rows, and the
 LoRA matmuls (computed for the predictive row only).
@@ -28,6 +30,7 @@ LoRA matmuls (computed for the predictive row only).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import statistics
@@ -41,6 +44,21 @@ import torch
 from torch import nn
 
 from .decoding import BlockOutput
+
+
+def attention_backends(device: torch.device):
+    """The attention kernels a decoder call may use on `device`.
+
+    On CUDA, PyTorch may pick cuDNN's attention for a masked float16 call, and cuDNN prepares an
+    execution plan for every new shape: the decoding loop's key length grows by a few tokens
+    every call, so each call would prepare a new plan. Flash / memory-efficient attention
+    serve any shape.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 logger = logging.getLogger(__name__)
 
@@ -392,13 +410,14 @@ class HFDualStream:
             self.gate.select(slice(0, 0), 1, device)
         if self.encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = self.encoder_hidden_states.expand(rows, -1, -1)
-        hidden = self.decoder(
-            input_ids=block,
-            past_key_values=self._cache,
-            position_ids=positions,
-            use_cache=True,
-            **kwargs,
-        ).last_hidden_state
+        with attention_backends(device):
+            hidden = self.decoder(
+                input_ids=block,
+                past_key_values=self._cache,
+                position_ids=positions,
+                use_cache=True,
+                **kwargs,
+            ).last_hidden_state
         self._block = L
         # only the last pending token and the drafts predict something we need
         logits = project(hidden[:, r - 1 :], self.lm_head)
