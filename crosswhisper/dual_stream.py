@@ -45,6 +45,10 @@ from torch import nn
 
 from .decoding import BlockOutput
 
+logger = logging.getLogger(__name__)
+
+CONTROL, PREDICTIVE = 0, 1
+
 
 def attention_backends(device: torch.device):
     """The attention kernels a decoder call may use on `device`.
@@ -60,9 +64,6 @@ def attention_backends(device: torch.device):
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-logger = logging.getLogger(__name__)
-
-CONTROL, PREDICTIVE = 0, 1
 
 # a function (logits [B, K, V], absolute token indices [K]) -> processed logits, in place allowed
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -215,8 +215,8 @@ def phases(args) -> dict:
     try:
         bundle = _bundle(args)
         adapted = _adapter(bundle, args.adapter)
-        windows = [(encode(bundle, load_audio(path)), decoder_prompt(bundle, "en")) for path in _audio_files(args)]
-        windows = windows[: args.max_utterances]
+        files = _audio_files(args)[: args.max_utterances]
+        windows = [(encode(bundle, load_audio(path)), decoder_prompt(bundle, "en")) for path in files]
         rows = []
         for gamma in args.gammas:
             options = DecodeOptions(gamma=gamma)
