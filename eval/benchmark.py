@@ -38,9 +38,8 @@ from crosswhisper.whisper import (  # noqa: E402
     save_adapter,
 )
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "LibriSpeech" / "test-clean"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-AUDIO_SUFFIXES = (".flac", ".opus", ".wav")  # test-clean is FLAC, train-clean-5 Opus
+# this directory's evaluation script (on sys.path as the running script's folder)
+from librispeech import DEFAULT_DATA, DTYPES, find_librispeech, sync_device  # noqa: E402
 
 
 def _bundle(args):
@@ -48,13 +47,12 @@ def _bundle(args):
 
 
 def _audio_files(args) -> list[Path]:
-    return sorted(p for p in Path(args.data).rglob("*") if p.suffix in AUDIO_SUFFIXES)
+    """The audio of a LibriSpeech tree (any format), in utterance order."""
+    return [path for _, path, _ in find_librispeech(Path(args.data))]
 
 
 def _clock(device: str) -> float:
-    """perf_counter after the device's queued work is done (GPU kernels run asynchronously)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(device)
     return time.perf_counter()
 
 

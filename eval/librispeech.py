@@ -320,7 +320,8 @@ class System:
     run: Callable[[np.ndarray], Run] = dataclasses.field(repr=False)
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously), before reading a clock."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -329,10 +330,10 @@ def crosswhisper_system(id_, name, family, settings, bundle: WhisperBundle, devi
     """A system that calls `crosswhisper.transcribe(audio, model=bundle, **kwargs)`."""
 
     def run(audio: np.ndarray) -> Run:
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         result = transcribe(audio, model=bundle, device=device, **kwargs)
-        _sync(device)
+        sync_device(device)
         e2e = time.perf_counter() - t0
         s = result.stats
         return Run(
