@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import statistics
 import time
@@ -139,62 +138,6 @@ def project(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     return logits if getattr(lm_head, "bias", None) is None else logits + lm_head.bias
 
 
-CONTROL_BLOCK_ATTENTION = "crosswhisper-control-block"  # attention implementation name (transformers registry)
-
-
-def _control_block_attention(module, query, key, value, attention_mask, **kwargs):
-    """Self-attention where every predictive row also reads its control row's keys/values of
-    the current block (same layer), so a draft made next to a token the control stream is about
-    to reject can see what the control stream makes of that token.
-
-    Rows follow the module's StreamGate: rows_on (the predictive rows) must be the second half
-    of the batch, their control rows the first half, in the same order. The control rows attend
-    exactly as without this function (their own call, their own keys): they stay bit-identical.
-    Any other layout (one row, adapter on everywhere) is plain attention.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    gate = getattr(module, "crosswhisper_gate", None)
-    rows = None if gate is None else gate.rows_on
-    batch = query.shape[0]
-    if rows is None or rows.start != batch // 2 or rows.stop != batch or batch % 2:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    half, block = batch // 2, query.shape[2]
-    control, _ = sdpa_attention_forward(
-        module, query[:half], key[:half], value[:half], None if attention_mask is None else attention_mask[:half], **kwargs
-    )
-    # the control rows' block keys are read, not trained through: no gradient flows back into them
-    keys = torch.cat([key[half:], key[:half, :, -block:].detach()], dim=2)
-    values = torch.cat([value[half:], value[:half, :, -block:].detach()], dim=2)
-    mask = attention_mask[half:] if attention_mask is not None else query.new_zeros(half, 1, block, key.shape[2])
-    mask = torch.cat([mask, mask.new_zeros(half, 1, block, block)], dim=-1)
-    kwargs["is_causal"] = False
-    predictive, _ = sdpa_attention_forward(module, query[half:], keys, values, mask, **kwargs)
-    return torch.cat([control, predictive], dim=0), None
-
-
-def read_control_block(model: nn.Module, gate: "StreamGate") -> int:
-    """Let the predictive rows of every decoder self-attention layer of `model` read the control
-    rows' keys/values of the current block (`_control_block_attention`). Only those layers
-    change (they get a copy of the config naming that attention); the encoder, the audio
-    cross-attention and the mask preparation keep theirs. Returns the count of layers."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(CONTROL_BLOCK_ATTENTION, _control_block_attention)
-    count = 0
-    for name, module in model.named_modules():
-        # decoder self-attention: Whisper's `decoder.layers.N.self_attn` (a text LM's `layers.N.self_attn`)
-        if name.endswith("self_attn") and ".layers." in name and "encoder." not in name:
-            module.config = copy.copy(module.config)
-            module.config._attn_implementation = CONTROL_BLOCK_ATTENTION
-            module.crosswhisper_gate = gate
-            count += 1
-    if not count:
-        raise ValueError("the model has no decoder self-attention layers to extend")
-    gate.reads_control_block = True
-    return count
-
-
 class StreamGate:
     """Per-row switch of the LoRA delta: `delta *= gate[row]` on every LoRA layer's output.
 
@@ -205,8 +148,6 @@ class StreamGate:
 
     def __init__(self, model: nn.Module):
         self._gate: Optional[torch.Tensor] = None
-        # True once `read_control_block` extended the model's attention (adapters trained so)
-        self.reads_control_block = False
         # rows [start, stop) with the adapter on, the rest off: lets fused layers compute the
         # LoRA delta for those rows only; None = use `gate` (a multiplication)
         self.rows_on: Optional[slice] = None
@@ -297,7 +238,6 @@ class GatedLoRALinear(nn.Module):
 
 
 ADAPTER_INFO_FILE = "crosswhisper_adapter.json"  # beside peft's files: which base weights it was made for
-READS_CONTROL_BLOCK = "predictive_reads_control_block"  # its key: trained with `read_control_block`
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"  # trained adapters, one directory per model
 
 
@@ -357,9 +297,6 @@ def load_adapter_for(
     peft_model.eval()
     gate = StreamGate(peft_model)
     gate.fuse(peft_model)  # inference only: lean gated layers instead of peft's
-    info_path = directory / ADAPTER_INFO_FILE
-    if info_path.is_file() and json.loads(info_path.read_text()).get(READS_CONTROL_BLOCK):
-        read_control_block(peft_model, gate)  # the attention it was trained with
     return AdaptedModel(peft_model=peft_model, gate=gate, source=str(directory))
 
 

@@ -95,10 +95,6 @@ class TrainingConfig:
     # are right, a state whose predictions inference throws away. Measured: no gain as an
     # 800-step warm-start stage for tiny.en (its card), so off by default and not shipped.
     reused_slots_only: bool = False
-    # the predictive stream also reads the control stream's keys/values of the current block
-    # (`dual_stream.read_control_block`): a draft next to a token the control stream is about to
-    # reject can see what it makes of that token. One more (control) row per block in training.
-    read_control_block: bool = False
     # warm start: a peft adapter directory of the same rank and modules (None = zero delta)
     init_adapter: Optional[str] = None
     seed: int = 0
@@ -130,8 +126,6 @@ class TrainingConfig:
             name += f"-chain{self.previous_blocks}"
         if self.reused_slots_only:
             name += "-reused"
-        if self.read_control_block:
-            name += "-readctl"
         if self.init_adapter:
             name += f"-from-{Path(self.init_adapter).name}"
         return name
@@ -153,9 +147,8 @@ class DistillationTask(Protocol):
     vocab_size: int
     placeholder_id: int  # the token of empty draft slots (as at inference)
 
-    def new_adapter(self, rank: int, seed: int, read_control: bool = False) -> AdaptedModel:
-        """A fresh (zero-delta) LoRA adapter on a private copy of the model; `read_control`: its
-        predictive stream also reads the control stream's block (TrainingConfig.read_control_block)."""
+    def new_adapter(self, rank: int, seed: int) -> AdaptedModel:
+        """A fresh (zero-delta) LoRA adapter on a private copy of the model."""
 
     def teacher_pass(self, example: Example) -> tuple[torch.Tensor, object]:
         """Control stream over the whole example: distributions [L, V] (row t = P(x_{t+1} | x_≤t))
@@ -291,18 +284,14 @@ def _student_cache(teacher_cache, rows: int):
     )
 
 
-def block_mask(cuts: torch.Tensor, cached: int, block: int, dtype, *, causal: bool = False) -> torch.Tensor:
+def block_mask(cuts: torch.Tensor, cached: int, block: int, dtype) -> torch.Tensor:
     """Additive mask [rows, 1, block, cached+block]: row i sees cached positions < cut_i (the
-    committed prefix before x_c), x_c sees itself, drafts see x_c and every draft (the
-    predictive stream) or only those before them (`causal`: the control stream)."""
+    committed prefix before x_c), x_c sees itself, drafts see x_c and every draft."""
     rows = cuts.shape[0]
     allowed = torch.zeros(rows, 1, block, cached + block, dtype=torch.bool)
     allowed[:, 0, :, :cached] = torch.arange(cached).view(1, 1, -1) < cuts.view(-1, 1, 1)
-    if causal:
-        allowed[:, 0, :, cached:] = torch.tril(torch.ones(block, block, dtype=torch.bool))
-    else:
-        allowed[:, 0, 0, cached] = True
-        allowed[:, 0, 1:, cached:] = True
+    allowed[:, 0, 0, cached] = True
+    allowed[:, 0, 1:, cached:] = True
     mask = torch.zeros(allowed.shape, dtype=dtype)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
@@ -376,26 +365,16 @@ def student_logits(
     block = torch.cat([example.tokens[cuts].view(-1, 1), drafts], dim=1)
     positions = cuts.view(-1, 1) + torch.arange(gamma + 1).view(1, -1)
     whisper = adapted.peft_model.base_model.model
-    mask = block_mask(cuts, L, gamma + 1, whisper.dtype)
-    batch = rows
-    if adapted.gate.reads_control_block:
-        # as at inference, each predictive row reads a control row over the same block: the
-        # control rows come first (adapter off, causal), the predictive rows second
-        batch = 2 * rows
-        block, positions = block.repeat(2, 1), positions.repeat(2, 1)
-        mask = torch.cat([block_mask(cuts, L, gamma + 1, whisper.dtype, causal=True), mask])
-        adapted.gate.select(slice(rows, batch), batch, block.device)
-    else:
-        adapted.gate.gate = None  # adapter on in every row: all rows are predictive
+    adapted.gate.gate = None  # adapter on in every row: all rows are predictive
     hidden = whisper.model.decoder(
         input_ids=block,
-        encoder_hidden_states=example.encoder_states.to(whisper.dtype).expand(batch, -1, -1),
-        past_key_values=_student_cache(teacher_cache, batch),
+        encoder_hidden_states=example.encoder_states.to(whisper.dtype).expand(rows, -1, -1),
+        past_key_values=_student_cache(teacher_cache, rows),
         position_ids=positions,
-        attention_mask=mask,
+        attention_mask=block_mask(cuts, L, gamma + 1, whisper.dtype),
         use_cache=True,
     ).last_hidden_state
-    return project(hidden[batch - rows :], whisper.proj_out)
+    return project(hidden, whisper.proj_out)
 
 
 def _repeat_cache(cache, rows: int):
@@ -414,8 +393,8 @@ class WhisperTask:
         self.vocab_size = bundle.model.config.vocab_size
         self.placeholder_id = special_id(bundle, "<|endoftext|>")
 
-    def new_adapter(self, rank: int, seed: int, read_control: bool = False) -> AdaptedModel:
-        return new_adapter(self.bundle, rank=rank, seed=seed, read_control=read_control)
+    def new_adapter(self, rank: int, seed: int) -> AdaptedModel:
+        return new_adapter(self.bundle, rank=rank, seed=seed)
 
     def teacher_pass(self, example: Example):
         return _teacher_pass(self.bundle, example)
@@ -433,11 +412,9 @@ class LMTask:
         self.vocab_size = lm.model.config.vocab_size
         self.placeholder_id = lm.placeholder_id
 
-    def new_adapter(self, rank: int, seed: int, read_control: bool = False) -> AdaptedModel:
+    def new_adapter(self, rank: int, seed: int) -> AdaptedModel:
         from .lm import new_adapter as new_lm_adapter
 
-        if read_control:
-            raise NotImplementedError("reading the control stream's block is implemented for Whisper only")
         return new_lm_adapter(self.lm, rank=rank, seed=seed)
 
     def teacher_pass(self, example: Example):
@@ -575,7 +552,7 @@ def _previous_block_drafts(
     return drafts
 
 
-DRAFT_FIELDS = ("draft_source", "rejected_draft_prob", "previous_blocks", "reused_slots_only", "read_control_block")
+DRAFT_FIELDS = ("draft_source", "rejected_draft_prob", "previous_blocks", "reused_slots_only")
 
 
 def add_draft_arguments(parser) -> None:
@@ -596,10 +573,6 @@ def add_draft_arguments(parser) -> None:
     parser.add_argument(
         "--reused-slots-only", action="store_true",
         help="loss only on the slots whose predictions inference reuses (after the block's first wrong draft)",
-    )
-    parser.add_argument(
-        "--read-control-block", action="store_true",
-        help="the predictive stream also reads the control stream's keys/values of the current block",
     )
 
 
@@ -637,7 +610,7 @@ def train(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    adapted = task.new_adapter(config.rank, config.seed, read_control=config.read_control_block)
+    adapted = task.new_adapter(config.rank, config.seed)
     if config.init_adapter:
         _warm_start(task, adapted, Path(config.init_adapter))
     model = adapted.peft_model

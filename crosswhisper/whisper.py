@@ -25,14 +25,12 @@ from .audio import CHUNK_SAMPLES, SAMPLE_RATE, AudioInput, load_audio
 from .decoding import DecodeOptions, DecodingStats, decode
 from .dual_stream import (
     ADAPTER_INFO_FILE,
-    READS_CONTROL_BLOCK,
     SHIPPED_ADAPTERS,  # a name of this module too: tests point it at another directory
     AdaptedModel,
     HFDualStream,
     StreamGate,
     find_shipped_adapter,
     load_adapter_for,
-    read_control_block,
     resolve_adapter_argument,
 )
 from .models import WhisperBundle, load_whisper
@@ -252,17 +250,11 @@ def save_adapter(peft_model, directory, bundle: WhisperBundle, **card) -> None:
     peft_model.save_pretrained(str(directory))
     info = {"base_model": bundle.name, "base_weights_sha256": bundle.weights_sha256,
             "vocab_size": bundle.model.config.vocab_size, **card}
-    if any(getattr(m, "crosswhisper_gate", None) is not None for m in peft_model.modules()):
-        info[READS_CONTROL_BLOCK] = True  # loading must extend the attention the same way
     (directory / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def new_adapter(
-    bundle: WhisperBundle, *, rank: int = 32, random_init: bool = False, seed: int = 0, read_control: bool = False
-) -> AdaptedModel:
-    """A fresh LoRA adapter on a copy of the base model (for training, and for exactness tests).
-    read_control: the predictive stream also reads the control stream's keys of the current
-    block (`dual_stream.read_control_block`)."""
+def new_adapter(bundle: WhisperBundle, *, rank: int = 32, random_init: bool = False, seed: int = 0) -> AdaptedModel:
+    """A fresh LoRA adapter on a copy of the base model (for training, and for exactness tests)."""
     import copy
 
     from peft import get_peft_model
@@ -270,10 +262,7 @@ def new_adapter(
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(bundle.model), lora_config(rank, random_init=random_init))
     peft_model.eval()
-    gate = StreamGate(peft_model)
-    if read_control:
-        read_control_block(peft_model, gate)
-    return AdaptedModel(peft_model=peft_model, gate=gate, source="<new>")
+    return AdaptedModel(peft_model=peft_model, gate=StreamGate(peft_model), source="<new>")
 
 
 def load_adapter(bundle: WhisperBundle, adapter) -> AdaptedModel:

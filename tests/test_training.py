@@ -76,13 +76,11 @@ def test_block_mask_pattern():
     assert allowed[1, 0, 2].tolist() == [True, True, True, True, False, True, True, True]
 
 
-@pytest.mark.parametrize("read_control", [False, True], ids=["plain", "reads-control-block"])
-def test_student_sees_what_the_predictive_stream_sees_at_inference(setup, read_control):
-    """Train and infer with the same block structure: same logits for the same block (also
-    when the predictive stream reads the control stream's keys of the block)."""
+def test_student_sees_what_the_predictive_stream_sees_at_inference(setup):
+    """Train and infer with the same block structure: same logits for the same block."""
     bundle, examples = setup
     ex = examples[0]
-    adapted = new_adapter(bundle, rank=8, random_init=True, seed=3, read_control=read_control)
+    adapted = new_adapter(bundle, rank=8, random_init=True, seed=3)
     cut, gamma = 9, 4
     drafts = ex.tokens[cut + 1 : cut + 1 + gamma].clone()
     drafts[2] = special_id(bundle, "<|endoftext|>")  # a placeholder in the middle
@@ -104,11 +102,6 @@ def test_student_sees_what_the_predictive_stream_sees_at_inference(setup, read_c
     finite = torch.isfinite(infer_logits)  # inference applies the suppress masks
     assert torch.allclose(train_logits[finite], infer_logits[finite], atol=2e-3)
     assert torch.equal(train_logits.masked_fill(~finite, -float("inf")).argmax(-1), infer_logits.argmax(-1))
-    if read_control:  # and reading the control block changes what the predictive stream computes
-        plain = new_adapter(bundle, rank=8, random_init=True, seed=3)
-        with torch.no_grad():
-            plain_logits = student_logits(plain, ex, torch.tensor([cut]), drafts.view(1, -1), cache)[0]
-        assert not torch.allclose(plain_logits, train_logits, atol=1e-2)
 
 
 def test_training_steps_checkpoint_and_resume(setup, tmp_path):
