@@ -95,7 +95,7 @@ class TrainingConfig:
     # are right, a state whose predictions inference throws away. Measured: no gain as an
     # 800-step warm-start stage for tiny.en (its card), so off by default and not shipped.
     reused_slots_only: bool = False
-    # warm start: a peft adapter directory of the same rank and modules (None = zero delta)
+    # warm start: a peft adapter directory of the same modules and a rank ≤ rank (None = zero delta)
     init_adapter: Optional[str] = None
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints (resume point)
@@ -582,17 +582,49 @@ def draft_options(args) -> dict:
 
 
 def _warm_start(task: DistillationTask, adapted: AdaptedModel, directory: Path) -> None:
-    """Copy a saved adapter's weights into the fresh one (same rank and modules, same base)."""
+    """Copy a saved adapter's weights into the fresh one (same modules, same base). A saved
+    adapter of a lower rank fills the first ranks (`_grow_rank`): the same function to start with."""
     from peft import load_peft_weights, set_peft_model_state_dict
 
     check_adapter_record(directory, name=task.name, weights_sha256=task.weights_sha256, vocab_size=task.vocab_size)
+    weights = load_peft_weights(str(directory), device="cpu")
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    weights = _grow_rank(adapted, weights, saved["lora_alpha"] / saved["r"])
     try:
-        loaded = set_peft_model_state_dict(adapted.peft_model, load_peft_weights(str(directory), device="cpu"))
+        loaded = set_peft_model_state_dict(adapted.peft_model, weights)
     except RuntimeError as error:  # another rank
         raise ValueError(f"cannot warm-start from {directory}: {error}") from None
     if loaded.unexpected_keys:
         raise ValueError(f"cannot warm-start from {directory}: it adapts other modules ({loaded.unexpected_keys[:3]} ...)")
     logger.info("warm start from %s", directory)
+
+
+def _grow_rank(adapted: AdaptedModel, weights: dict, saved_scaling: float) -> dict:
+    """Saved LoRA weights of rank r₀ placed into this adapter's rank r ≥ r₀: A's first r₀ rows
+    and B's first r₀ columns (B rescaled to this adapter's alpha / r), the fresh adapter's
+    random A rows and zero B columns for the rest. The delta B·A·scaling is unchanged, and the
+    new ranks still learn (a zero A row would leave its B column without gradient)."""
+    from peft import get_peft_model_state_dict
+
+    config = adapted.peft_model.peft_config[adapted.peft_model.active_adapter]
+    scaling = config.lora_alpha / config.r
+    fresh = get_peft_model_state_dict(adapted.peft_model)
+    grown = {}
+    for key, saved in weights.items():
+        target = fresh.get(key)
+        if target is None or target.shape == saved.shape and saved_scaling == scaling:
+            grown[key] = saved
+            continue
+        rank = saved.shape[0] if "lora_A" in key else saved.shape[1]
+        if rank > config.r:
+            raise ValueError(f"cannot warm-start a rank-{config.r} adapter from one of rank {rank}")
+        value = target.detach().clone()
+        if "lora_A" in key:
+            value[:rank] = saved
+        else:
+            value[:, :rank] = saved * (saved_scaling / scaling)
+        grown[key] = value
+    return grown
 
 
 def train(

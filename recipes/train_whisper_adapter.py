@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         "--replay-truth", type=float, default=TrainingConfig.replay_truth, help="true tokens in the initial replay buffer"
     )
     add_draft_arguments(parser)
-    parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same rank)")
+    parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same modules; its rank ≤ --rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="caches and checkpoints")

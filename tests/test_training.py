@@ -7,7 +7,9 @@ from crosswhisper.dual_stream import HFDualStream
 from crosswhisper.training import (
     ReplayBuffer,
     TrainingConfig,
+    WhisperTask,
     _teacher_pass,
+    _warm_start,
     block_mask,
     distillation_step,
     prepare_examples,
@@ -16,7 +18,7 @@ from crosswhisper.training import (
     suffix_weights,
     train,
 )
-from crosswhisper.whisper import get_bundle, logits_processor, new_adapter, special_id
+from crosswhisper.whisper import get_bundle, logits_processor, new_adapter, save_adapter, special_id
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,26 @@ def test_distillation_loss_trains_only_the_adapter(setup):
     grads = {n for n, p in adapted.peft_model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
     assert all(p.grad is None for p in bundle.model.parameters())
+
+
+def test_warm_start_into_a_higher_rank_keeps_the_function_and_trains_every_rank(setup, tmp_path):
+    """A rank-4 adapter warm-starts a rank-8 one: same predictive logits, and the new ranks are
+    not dead (their A rows are random, so their B columns get gradient)."""
+    bundle, examples = setup
+    ex = examples[0]
+    save_adapter(new_adapter(bundle, rank=4, random_init=True, seed=5).peft_model, tmp_path, bundle)
+    small, grown = new_adapter(bundle, rank=4), new_adapter(bundle, rank=8, seed=6)
+    _warm_start(WhisperTask(bundle), small, tmp_path)
+    _warm_start(WhisperTask(bundle), grown, tmp_path)
+    _, cache = _teacher_pass(bundle, ex)
+    cuts, drafts = torch.tensor([9]), ex.tokens[10:14].view(1, -1)
+    with torch.no_grad():
+        expected = student_logits(small, ex, cuts, drafts, cache)
+    logits = student_logits(grown, ex, cuts, drafts, cache)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    logits.logsumexp(-1).sum().backward()
+    for name, weight in grown.peft_model.named_parameters():
+        if "lora_B" in name:
+            assert weight.grad[:, 4:].abs().sum() > 0, name
+    with pytest.raises(ValueError, match="rank"):
+        _warm_start(WhisperTask(bundle), new_adapter(bundle, rank=2), tmp_path)
