@@ -53,7 +53,8 @@ class DualStreamModel(Protocol):
         """
 
     def commit(self, keep: int) -> None:
-        """Keep the first `keep` tokens of the last block (pending + accepted drafts) in the caches."""
+        """Keep the first `keep` tokens of the last block (pending + accepted drafts) in the caches
+        (0: drop the whole block)."""
 
 
 @dataclass(frozen=True)

@@ -442,7 +442,8 @@ class HFDualStream:
 
     @torch.inference_mode()
     def commit(self, keep: int) -> None:
-        if not 0 < keep <= self._block:
+        """Keep the first `keep` tokens of the last block in the caches (0: drop the whole block)."""
+        if not 0 <= keep <= self._block:
             raise ValueError(f"cannot keep {keep} of a {self._block}-token block")
         start, self.length = self.length, self.length + keep
         # Whisper's cache pairs self- and cross-attention caches; a text LM's is self-attention only
