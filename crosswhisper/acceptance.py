@@ -217,6 +217,18 @@ class DraftBuffer:
     def gamma(self) -> int:
         return self.tokens.shape[1]
 
+    def fill(self, new_tokens: torch.Tensor, new_q: Optional[torch.Tensor], *, row: int = 0) -> None:
+        """Replace row `row` by fresh drafts for slots 1..m (`new_tokens` [m], `new_q` [m, V]);
+        the slots after m stay empty."""
+        m = new_tokens.shape[0]
+        self.tokens[row] = self.placeholder
+        self.valid[row] = False
+        self.tokens[row, :m] = new_tokens
+        self.valid[row, :m] = True
+        if self.q_hat is not None:
+            self.q_hat[row] = 0.0
+            self.q_hat[row, :m] = new_q
+
     def refill(
         self,
         n: int,

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--beta", type=float, default=0.0, help="EMA factor in [0, 1); 0 = lossless (default)")
     parser.add_argument("--tau", type=float, default=0.0, help="energy floor ≤ 0; 0 = lossless (default)")
+    parser.add_argument(
+        "--blank-branches", action="store_true",
+        help="draft from blank branches: more tokens per call for (γ+1)² more tokens in it (worth it on a GPU)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--language", default=None, help="language code (default: detect; 'en' for .en models)")
@@ -127,7 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         DecodeOptions(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature)
     except (ValueError, RuntimeError) as error:  # RuntimeError: torch does not know --device
         parser.error(str(error))
-    decoding = dict(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed)
+    decoding = dict(
+        gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed,
+        blank_branches=args.blank_branches,
+    )
 
     # a model or adapter that cannot load would fail every file: stop here, clearly
     try:

@@ -10,6 +10,7 @@ One iteration, for one row:
     2. accept the longest prefix d_1..d_n that passes the energy test (acceptance.py)
     3. commit d_1..d_n and one more token: the correction (n < γ) or the bonus (n = γ)
     4. refill the buffer with this pass's predictive samples for the slots after the commit
+       (with blank branches: the samples of the branch made for exactly this outcome)
     5. let the model keep the committed prefix in its caches and drop the rest
 """
 
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 class BlockOutput:
     control_logits: torch.Tensor  # [B, γ+1, V] processed logits P_1..P_{γ+1} (all masks applied)
     predictive_logits: Optional[torch.Tensor]  # [B, γ+1, V] processed Q_1..Q_{γ+1}; None when γ = 0
+    # [B, γ+1, γ, V] processed predictive logits of the blank branches (`forward_block(branches=True)`):
+    # branch n holds placeholders from slot n+1 on, after d_1..d_n, and predicts the γ tokens after
+    # slot n+1, so it drafts for the next pass whatever the correction (or bonus) at n+1 is; None without
+    branch_logits: Optional[torch.Tensor] = None
 
 
 class DualStreamModel(Protocol):
@@ -43,13 +48,15 @@ class DualStreamModel(Protocol):
     def reset(self, batch: int) -> None:
         """Start new sequences: empty caches."""
 
-    def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor) -> BlockOutput:
+    def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor, *, branches: bool = False) -> BlockOutput:
         """One call of both streams over [pending [B, r], drafts [B, γ]] (γ may be 0).
 
         The control stream attends causally; the predictive stream sees the committed
         prefix and attends bidirectionally inside the draft block. Logits at the positions of
         the last pending token and of every draft are returned, processed (suppressed
-        tokens etc.) at their absolute positions, identically for both streams.
+        tokens etc.) at their absolute positions, identically for both streams. `branches`:
+        the predictive stream also computes the blank branches (`BlockOutput.branch_logits`)
+        when the model supports them and they fit; otherwise they are None.
         """
 
     def commit(self, keep: int) -> None:
@@ -65,6 +72,10 @@ class DecodeOptions:
     temperature: float = 0.0  # 0 = greedy
     max_new_tokens: int = 224  # generated tokens at most (end-of-text included)
     refill: str = "fresh"  # "fresh": this pass's predictions; "carry": the paper's carried drafts
+    # draft from blank branches: the next pass's drafts are made with a placeholder where this
+    # pass's correction (or bonus) goes, not next to the rejected draft; (γ+1)² more tokens per
+    # call. Replaces `refill` where the model computes them (HFDualStream does)
+    blank_branches: bool = False
 
     def __post_init__(self):
         if int(self.gamma) != self.gamma or self.gamma < 0:
@@ -145,7 +156,7 @@ def decode(
         # a stop token that a lossy rule lets through ends the sequence early and loses every
         # word after it: lossy modes accept stop tokens only by the exact test
         exact_only = None if rule is None or rule.lossless else torch.isin(drafts, stop_tensor)
-        out = model.forward_block(pending, drafts)
+        out = model.forward_block(pending, drafts, branches=options.blank_branches)
         result.forward_calls += 1
         P_logits = out.control_logits.float()
         if P_logits.shape[-1] != model.vocab_size:
@@ -177,9 +188,15 @@ def decode(
 
         model.commit(pending.shape[1] + n)
         if gamma:
-            new_drafts, new_q = _sample(out.predictive_logits[0], options.temperature, generator)
+            # the blank branch after the n accepted drafts, else this pass's predictions after them
+            branch = out.branch_logits is not None
+            logits = out.branch_logits[0, n] if branch else out.predictive_logits[0]
+            new_drafts, new_q = _sample(logits, options.temperature, generator)
             if new_q is None and proposals:  # lossy greedy: the T = 1 proposal of each argmax draft
-                new_q = torch.softmax(out.predictive_logits[0].float(), dim=-1)
-            buffer.refill(n, new_drafts, new_q, carry=options.refill == "carry")
+                new_q = torch.softmax(logits.float(), dim=-1)
+            if branch:
+                buffer.fill(new_drafts, new_q)
+            else:
+                buffer.refill(n, new_drafts, new_q, carry=options.refill == "carry")
         pending = torch.tensor([[next_token]], dtype=torch.long, device=device)
 

@@ -13,6 +13,17 @@ cache of the committed prefix, computed by the control stream). So the committed
 computed once, by the frozen model, and the predictive stream always reads exactly the
 prefix it was trained on, never keys contaminated by the bidirectional draft block.
 
+Blank branches (`forward_block(branches=True)`): the drafts a pass refills with were made next to
+the draft it rejected, and that one wrong token costs most of what drafting could give (base:
+2.2 tokens per forward against 3.5 if the drafts knew the correction; eval/draft_bounds.py).
+So the predictive row may also carry, after the block, one branch per outcome of the pass
+(n = 0 … γ drafts accepted): the last token that outcome commits, then γ placeholders where the
+correction and the tokens after it go, i.e. the block the next pass would run, with blanks for
+drafts. The branch reads the block's earlier tokens through the control row's keys/values of
+this call (`_stream_attention`): as a commit would leave them. The loop then drafts from the
+branch of the outcome that happened. Cost: (γ+1)² more tokens per row and γ(γ+1) more rows in
+the vocabulary projection.
+
 Why two rows and not one row with per-token gating (the two-stream layout
 [pending, d_1..d_γ | x_last, d_1..d_γ] in one sequence): both do nearly the same arithmetic.
 Measured on this 2-core CPU (`python eval/benchmark.py call_cost --blocks 1 8 17 33`, tiny.en,
@@ -138,6 +149,56 @@ def project(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     return logits if getattr(lm_head, "bias", None) is None else logits + lm_head.bias
 
 
+STREAM_ATTENTION = "crosswhisper-streams"  # attention implementation name (transformers registry)
+
+
+def _stream_attention(module, query, key, value, attention_mask, **kwargs):
+    """Decoder self-attention of the two-row call where the predictive row may also read the
+    control row's keys/values of the current block (`StreamGate.control_reads`, an additive mask
+    [1, 1, T, L] over the block's L tokens). The blank branches use it to see the block's
+    tokens as the control stream computed them: causal and clean, as the committed prefix they
+    stand for will be, not as the predictive row saw them next to later (possibly wrong) drafts.
+    The control row attends exactly as in plain attention (its own call, its own keys). Without
+    `control_reads` this is plain attention.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gate = getattr(module, "crosswhisper_gate", None)
+    reads = None if gate is None else gate.control_reads
+    if reads is None or query.shape[0] != 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    T, L = reads.shape[-2], reads.shape[-1]
+    control, _ = sdpa_attention_forward(module, query[:1], key[:1], value[:1], attention_mask[:1], **kwargs)
+    block = slice(key.shape[2] - T, key.shape[2] - T + L)  # the control row's keys of this block
+    keys = torch.cat([key[1:], key[:1, :, block]], dim=2)
+    values = torch.cat([value[1:], value[:1, :, block]], dim=2)
+    mask = torch.cat([attention_mask[1:], reads], dim=-1)
+    kwargs["is_causal"] = False
+    predictive, _ = sdpa_attention_forward(module, query[1:], keys, values, mask, **kwargs)
+    return torch.cat([control, predictive], dim=0), None
+
+
+def install_stream_attention(model: nn.Module, gate: "StreamGate") -> int:
+    """Give every decoder self-attention layer of `model` `_stream_attention`, driven by `gate`.
+    Only those layers change (each gets a copy of the config naming that attention); the
+    encoder, the audio cross-attention and the mask preparation keep theirs. Returns the count."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(STREAM_ATTENTION, _stream_attention)
+    count = 0
+    for name, module in model.named_modules():
+        # Whisper's `decoder.layers.N.self_attn`, a text LM's `layers.N.self_attn`
+        if name.endswith("self_attn") and ".layers." in name and "encoder." not in name:
+            if module.config._attn_implementation != "sdpa":
+                return 0  # eager & co.: no branches (HFDualStream falls back to plain drafting)
+            module.config = copy.copy(module.config)
+            module.config._attn_implementation = STREAM_ATTENTION
+            module.crosswhisper_gate = gate
+            count += 1
+    gate.stream_attention = count > 0
+    return count
+
+
 class StreamGate:
     """Per-row switch of the LoRA delta: `delta *= gate[row]` on every LoRA layer's output.
 
@@ -148,6 +209,10 @@ class StreamGate:
 
     def __init__(self, model: nn.Module):
         self._gate: Optional[torch.Tensor] = None
+        # the predictive row's reads of the control row's block keys during one call (see
+        # `_stream_attention`), and whether the model's layers can do it (`install_stream_attention`)
+        self.control_reads: Optional[torch.Tensor] = None
+        self.stream_attention = False
         # rows [start, stop) with the adapter on, the rest off: lets fused layers compute the
         # LoRA delta for those rows only; None = use `gate` (a multiplication)
         self.rows_on: Optional[slice] = None
@@ -158,6 +223,7 @@ class StreamGate:
                 self._handles.append(module.register_forward_hook(self._hook))
         if not self._handles:
             raise ValueError("the model has no LoRA layers to gate (is it a peft LoRA model?)")
+        install_stream_attention(model, self)
 
     @property
     def gate(self) -> Optional[torch.Tensor]:
@@ -327,6 +393,7 @@ class HFDualStream:
     process_logits: the model's logits processors (suppressed tokens, begin-suppress, ...)
     gate: the StreamGate of the adapter, or None for a model without adapter
     drafting: run the predictive row too (needs `gate`); False = control stream alone (γ = 0)
+    placeholder_id: the token of empty draft slots, fed to the blank branches
     """
 
     def __init__(
@@ -339,6 +406,7 @@ class HFDualStream:
         gate: Optional[StreamGate],
         drafting: bool,
         max_length: int,
+        placeholder_id: Optional[int] = None,
     ):
         if drafting and gate is None:
             raise ValueError("drafting needs a model with an adapter (a StreamGate)")
@@ -349,6 +417,7 @@ class HFDualStream:
         self.gate = gate
         self.vocab_size = lm_head.weight.shape[0]
         self.max_length = max_length
+        self.placeholder_id = placeholder_id
         self.length = 0  # committed tokens held in the cache
         self._block = 0  # tokens appended by the last forward_block
         self._cache = None
@@ -388,7 +457,7 @@ class HFDualStream:
         return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(audio))
 
     @torch.inference_mode()
-    def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor) -> BlockOutput:
+    def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor, *, branches: bool = False) -> BlockOutput:
         r, gamma = pending.shape[1], drafts.shape[1]
         rows = self._rows
         two_rows = rows == 2
@@ -398,45 +467,98 @@ class HFDualStream:
             raise ValueError(f"block of {r + gamma} tokens at {self.length} exceeds {self.max_length} positions")
         if self._cache is None:
             self._cache = self._new_cache()
-        block = torch.cat([pending, drafts], dim=1).expand(rows, -1)
         L, past = r + gamma, self.length
-        device = block.device
-        positions = torch.arange(past, past + L, device=device).unsqueeze(0).expand(rows, -1)
+        device = pending.device
+        # blank branches (see BlockOutput.branch_logits): branch n = the block's token before
+        # slot n+1 (the last one a commit of n drafts keeps), then γ placeholders at the positions
+        # of slots n+1 … n+γ; they need positions up to past + r + 2γ − 1
+        branches = branches and two_rows and gamma > 0 and past + r + 2 * gamma <= self.max_length
+        branches = branches and self.gate.stream_attention
+        if branches and self.placeholder_id is None:
+            raise ValueError("blank branches need the placeholder token (placeholder_id)")
+        block = torch.cat([pending, drafts], dim=1)
+        positions = torch.arange(past, past + L, device=device)
+        if branches:
+            nodes = torch.full((gamma + 1, gamma + 1), self.placeholder_id, dtype=block.dtype, device=device)
+            nodes[:, 0] = block[0, r - 1 :]  # each branch starts from its last committed token
+            block = torch.cat([block, nodes.view(1, -1)], dim=1)
+            branch_positions = past + r - 1 + torch.arange(gamma + 1, device=device).view(-1, 1) + torch.arange(gamma + 1, device=device)
+            positions = torch.cat([positions, branch_positions.flatten()])
+        block = block.expand(rows, -1)
+        positions = positions.unsqueeze(0).expand(rows, -1)
 
         kwargs = {}
         if two_rows:
-            kwargs["attention_mask"] = self._block_mask(past, r, gamma, device)
+            kwargs["attention_mask"] = self._block_mask(past, r, gamma, device, branches=branches)
             self.gate.select(slice(PREDICTIVE, PREDICTIVE + 1), 2, device)
         elif self.gate is not None:
             self.gate.select(slice(0, 0), 1, device)
         if self.encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = self.encoder_hidden_states.expand(rows, -1, -1)
-        with attention_backends(device):
-            hidden = self.decoder(
-                input_ids=block,
-                past_key_values=self._cache,
-                position_ids=positions,
-                use_cache=True,
-                **kwargs,
-            ).last_hidden_state
-        self._block = L
+        if branches:
+            self.gate.control_reads = self._branch_reads(r, gamma, device)
+        try:
+            with attention_backends(device):
+                hidden = self.decoder(
+                    input_ids=block,
+                    past_key_values=self._cache,
+                    position_ids=positions,
+                    use_cache=True,
+                    **kwargs,
+                ).last_hidden_state
+        finally:
+            if branches:
+                self.gate.control_reads = None
+        self._block = block.shape[1]
         # only the last pending token and the drafts predict something we need
-        logits = project(hidden[:, r - 1 :], self.lm_head)
+        logits = project(hidden[:, r - 1 : L], self.lm_head)
         token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
         logits = self.process_logits(logits, token_index)
+        branch_logits = None
+        if branches:  # the predictive row's placeholder nodes; each predicts the token after it
+            placeholders = hidden[PREDICTIVE, L:].view(gamma + 1, gamma + 1, -1)[:, 1:]
+            branch_logits = project(placeholders.reshape(1, (gamma + 1) * gamma, -1), self.lm_head)
+            branch_logits = self.process_logits(branch_logits, branch_positions[:, 1:].flatten() + 1)
+            branch_logits = branch_logits.view(1, gamma + 1, gamma, -1)
         return BlockOutput(
             control_logits=logits[CONTROL : CONTROL + 1],
             predictive_logits=logits[PREDICTIVE : PREDICTIVE + 1] if two_rows else None,
+            branch_logits=branch_logits,
         )
 
-    def _block_mask(self, past: int, r: int, gamma: int, device) -> torch.Tensor:
-        """Additive mask [2, 1, L, past+L]: row 0 causal; row 1 causal except that the drafts
-        see each other (bidirectional inside the draft block) and every pending token."""
+    def _block_mask(self, past: int, r: int, gamma: int, device, *, branches: bool = False) -> torch.Tensor:
+        """Additive mask [2, 1, T, past+T] over the block (L = r + γ tokens) and, with `branches`,
+        the γ+1 blank branches of γ+1 nodes after it (T = L + (γ+1)²): row 0 causal; row 1 causal
+        except that the drafts see each other (bidirectional inside the draft block) and every
+        pending token. Branch n is laid out as the block a pass would run after committing n
+        drafts, with placeholders for drafts: its first node (the last committed token) sees the
+        prefix and itself, its placeholders see the prefix and the whole branch; through
+        `_branch_reads` all of them also see the control row's tokens before the first node."""
         L = r + gamma
-        allowed = torch.ones(2, 1, L, past + L, dtype=torch.bool, device=device)
-        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device))
-        allowed[:, 0, :, past:] = causal
-        allowed[PREDICTIVE, 0, r:, past + r :] = True
+        size = gamma + 1  # nodes per branch
+        T = L + (gamma + 1) * size if branches else L
+        allowed = torch.ones(2, 1, T, past + T, dtype=torch.bool, device=device)
+        causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
+        allowed[:, 0, :, past:] = causal  # the control row's branch nodes are never read
+        allowed[PREDICTIVE, 0, r:L, past + r : past + L] = True
+        if branches:
+            allowed[PREDICTIVE, 0, L:, past:] = False
+            for n in range(gamma + 1):
+                first = L + n * size
+                allowed[PREDICTIVE, 0, first, past + first] = True
+                allowed[PREDICTIVE, 0, first + 1 : first + size, past + first : past + first + size] = True
+        mask = torch.zeros(allowed.shape, dtype=self.lm_head.weight.dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+
+    def _branch_reads(self, r: int, gamma: int, device) -> torch.Tensor:
+        """Additive mask [1, 1, T, L] of the predictive row's reads of the control row's block:
+        branch n's nodes read the block's tokens before its first node (a commit of n drafts
+        keeps them, and the predictive stream reads a committed prefix as the control stream
+        computed it)."""
+        L, size = r + gamma, gamma + 1
+        allowed = torch.zeros(1, 1, L + (gamma + 1) * size, L, dtype=torch.bool, device=device)
+        for n in range(gamma + 1):
+            allowed[0, 0, L + n * size : L + (n + 1) * size, : r - 1 + n] = True
         mask = torch.zeros(allowed.shape, dtype=self.lm_head.weight.dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
 

@@ -281,6 +281,7 @@ def decode_tokens(
         gate=adapted.gate if adapted is not None else None,
         drafting=drafting,
         max_length=max_length,
+        placeholder_id=lm.placeholder_id,
     )
     eos = lm.eos_token_ids
     return decode(

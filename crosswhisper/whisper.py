@@ -333,6 +333,7 @@ def decode_window(
         gate=adapted.gate if adapted is not None else None,
         drafting=drafting,
         max_length=max_length,
+        placeholder_id=special_id(bundle, "<|endoftext|>"),
     )
     return decode(
         streams,
@@ -353,6 +354,7 @@ def transcribe(
     gamma: Optional[int] = None,
     beta: float = 0.0,
     tau: float = 0.0,
+    blank_branches: bool = False,
     temperature: float = 0.0,
     language: Optional[str] = None,
     seed: Optional[int] = None,
@@ -372,6 +374,10 @@ def transcribe(
         the device (3 on a CPU, 4 on a GPU).
     beta: EMA factor of the energy test, in [0, 1); 0 with tau=0 is lossless.
     tau: energy floor, ≤ 0; more negative accepts more drafts (lossy, faster).
+    blank_branches: draft from blank branches (`DecodeOptions.blank_branches`): more tokens per
+        forward call (base: 2.2 → 2.6, test-clean 2.3 → 2.7 at γ = 4) for (γ+1)² more tokens in
+        every call, so only worth it where a call costs about the same for more tokens (a GPU);
+        on a CPU it is slower. Exactness is unchanged.
     temperature: 0 = greedy; > 0 samples (lossless mode keeps the base model's distribution).
     language: language code; None detects it per window for multilingual models.
     seed: seeds the sampler (temperature > 0) for reproducible output.
@@ -380,7 +386,9 @@ def transcribe(
     # validated before any loading; decode_window caps max_new_tokens at the model's positions
     if gamma is None:
         gamma = default_gamma(device)
-    options = DecodeOptions(gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=448)
+    options = DecodeOptions(
+        gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=448, blank_branches=blank_branches
+    )
     if adapter is not None and gamma < 1:
         logger.info("gamma=0: no drafting, our own autoregressive loop")
     waveform = load_audio(audio)

@@ -155,6 +155,10 @@ def decode_speed(args) -> dict:
         systems[f"cross-regression γ={gamma}"] = (
             lambda h, p, g=gamma: _run_loop(bundle, h, p, adapted, DecodeOptions(gamma=g))
         )
+        if args.blank_branches:
+            systems[f"cross-regression γ={gamma}, blank branches"] = (
+                lambda h, p, g=gamma: _run_loop(bundle, h, p, adapted, DecodeOptions(gamma=g, blank_branches=True))
+            )
     totals = {name: {"seconds": 0.0, "tokens": 0, "calls": 0, "mismatches": 0} for name in systems}
     for name, run in systems.items():  # warm-up
         run(windows[0][1], windows[0][2])
@@ -261,6 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
     parser.add_argument("--blocks", type=int, nargs="+", default=[8, 17, 33], help="tokens per row (call_cost)")
     parser.add_argument("--gammas", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--blank-branches", action="store_true", help="decode: each γ with blank branches too")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-utterances", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -53,7 +53,7 @@ class MarkovStreams:
     def reset(self, batch):
         self.length = self._block = 0
 
-    def forward_block(self, pending, drafts):
+    def forward_block(self, pending, drafts, *, branches=False):
         block = torch.cat([pending, drafts], dim=1)[0]
         self._block = block.numel()
         inputs = block[pending.shape[1] - 1 :]
