@@ -17,9 +17,9 @@ Blank branches (`forward_block(branches=True)`): the drafts a pass refills with 
 the draft it rejected, and that one wrong token costs most of what drafting could give (base:
 2.2 tokens per forward against 3.5 if the drafts knew the correction; eval/draft_bounds.py).
 So the predictive row may also carry, after the block, one branch per outcome of the pass
-(n = 0 … γ drafts accepted): the last token that outcome commits, then γ placeholders where the
-correction and the tokens after it go, i.e. the block the next pass would run, with blanks for
-drafts. The branch reads the block's earlier tokens through the control row's keys/values of
+(n = 0 … γ drafts accepted): the last token that outcome keeps before its correction (or bonus),
+then γ placeholders where the correction and the tokens after it go, i.e. the block the next
+pass would run, with blanks for drafts. The branch reads the block's earlier tokens through the control row's keys/values of
 this call (`_stream_attention`): as a commit would leave them. The loop then drafts from the
 branch of the outcome that happened. Cost: (γ+1)² more tokens per row and γ(γ+1) more rows in
 the vocabulary projection.
@@ -482,7 +482,8 @@ class HFDualStream:
             nodes = torch.full((gamma + 1, gamma + 1), self.placeholder_id, dtype=block.dtype, device=device)
             nodes[:, 0] = block[0, r - 1 :]  # each branch starts from its last committed token
             block = torch.cat([block, nodes.view(1, -1)], dim=1)
-            branch_positions = past + r - 1 + torch.arange(gamma + 1, device=device).view(-1, 1) + torch.arange(gamma + 1, device=device)
+            steps = torch.arange(gamma + 1, device=device)
+            branch_positions = past + r - 1 + steps.view(-1, 1) + steps  # [branch n, node i]
             positions = torch.cat([positions, branch_positions.flatten()])
         block = block.expand(rows, -1)
         positions = positions.unsqueeze(0).expand(rows, -1)
