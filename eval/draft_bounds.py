@@ -14,8 +14,9 @@ lost to that one token, and how much a given way of recovering it could win:
                  [the previous pass's second choice for that slot, placeholders …]; when the
                  pass rejects that slot and the correction is that second choice, the next
                  drafts are the branch's. Costs B·(γ+1) more tokens per call, not simulated.
-  blank          after a rejection, the drafts the predictive stream makes with a placeholder
-                 where the rejected draft stood (it needs no hypothesis about the correction)
+  blank          after every pass, the drafts the predictive stream makes with a placeholder
+                 where the correction (or bonus) goes: no hypothesis about it needed. This is
+                 what `DecodeOptions(blank_branches=True)` computes inside the one call
 
 The output must stay token-identical to the greedy transcripts (checked). Examples come from the
 training recipe's caches (encoder states + greedy transcripts), e.g.
@@ -59,7 +60,7 @@ def replay(bundle, adapted, example, gamma: int, mode: str, branches: int) -> tu
         # room for the uncounted extra pass as well
         fit = min(gamma, streams.max_length - streams.length - pending.shape[1] - gamma - 1)
         drafts, valid = buffer.tokens[:, :fit], buffer.valid[:, :fit]
-        buffer_tokens_before = drafts[0].clone()
+        verified = drafts[0].clone()  # the buffer is refilled below
         out = streams.forward_block(pending, drafts)
         calls += 1
         n, correction = verify_greedy(out.control_logits.float(), drafts, valid, rule)
@@ -75,7 +76,7 @@ def replay(bundle, adapted, example, gamma: int, mode: str, branches: int) -> tu
         buffer.refill(n, top2[:, 0], None)
         if mode == "blank":
             # keep all but the last committed token, then run it again followed by placeholders
-            committed = torch.cat([pending[0], buffer_tokens_before[:n]])
+            committed = torch.cat([pending[0], verified[:n]])
             streams.commit(committed.shape[0] - 1)
             blank = streams.forward_block(committed[-1:].view(1, 1), torch.full((1, gamma), eot))
             streams.commit(1)
