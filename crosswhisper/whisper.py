@@ -311,6 +311,28 @@ def logits_processor(bundle: WhisperBundle, prompt_length: int):
     return process
 
 
+def dual_streams(
+    bundle: WhisperBundle,
+    encoder_hidden_states: torch.Tensor,
+    prompt_length: int,
+    *,
+    adapted: Optional[AdaptedModel],
+    drafting: bool,
+) -> HFDualStream:
+    """Both streams of the decoder over one window (the base model's alone without an adapter)."""
+    whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
+    return HFDualStream(
+        whisper.model.decoder,
+        whisper.proj_out,
+        encoder_hidden_states,
+        process_logits=logits_processor(bundle, prompt_length),
+        gate=adapted.gate if adapted is not None else None,
+        drafting=drafting,
+        max_length=bundle.model.config.max_target_positions,
+        placeholder_id=special_id(bundle, "<|endoftext|>"),
+    )
+
+
 def decode_window(
     bundle: WhisperBundle,
     encoder_hidden_states: torch.Tensor,
@@ -324,17 +346,7 @@ def decode_window(
     max_length = bundle.model.config.max_target_positions
     options = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, max_length - len(prompt)))
     drafting = adapted is not None and options.gamma > 0
-    whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
-    streams = HFDualStream(
-        whisper.model.decoder,
-        whisper.proj_out,
-        encoder_hidden_states,
-        process_logits=logits_processor(bundle, len(prompt)),
-        gate=adapted.gate if adapted is not None else None,
-        drafting=drafting,
-        max_length=max_length,
-        placeholder_id=special_id(bundle, "<|endoftext|>"),
-    )
+    streams = dual_streams(bundle, encoder_hidden_states, len(prompt), adapted=adapted, drafting=drafting)
     return decode(
         streams,
         prompt,

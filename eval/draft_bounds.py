@@ -34,22 +34,18 @@ from pathlib import Path
 import torch
 
 from crosswhisper.acceptance import AcceptanceRule, DraftBuffer, verify_greedy
-from crosswhisper.whisper import HFDualStream, get_bundle, load_adapter, logits_processor, shipped_adapter, special_id
+from crosswhisper.whisper import dual_streams, get_bundle, load_adapter, shipped_adapter, special_id
 
 MODES = ("plain", "refresh-all", "refresh-first", "branches", "blank")
 
 
 def replay(bundle, adapted, example, gamma: int, mode: str, branches: int) -> tuple[int, int, int]:
     """Tokens, counted forward calls, and branch hits of one example (lossless greedy)."""
-    whisper = adapted.peft_model.base_model.model
     prompt = example.tokens[: example.prompt_length].tolist()
     reference = example.tokens[example.prompt_length :].tolist()
     eot = special_id(bundle, "<|endoftext|>")
-    streams = HFDualStream(
-        whisper.model.decoder, whisper.proj_out, example.encoder_states.to(bundle.model.dtype),
-        process_logits=logits_processor(bundle, len(prompt)), gate=adapted.gate, drafting=True,
-        max_length=bundle.model.config.max_target_positions,
-    )
+    hidden = example.encoder_states.to(bundle.model.dtype)
+    streams = dual_streams(bundle, hidden, len(prompt), adapted=adapted, drafting=True)
     streams.reset(1)
     buffer = DraftBuffer.empty(1, gamma, streams.vocab_size, placeholder=eot, proposals=False)
     rule = AcceptanceRule(gamma=gamma)
