@@ -6,15 +6,18 @@
 """
 
 from .audio import AudioError, load_audio
-from .models import WhisperBundle, load_whisper
-from .whisper import DecodingStats, Segment, Transcription, transcribe
+from .results import DecodingStats, Segment, Transcription
+from .whisper import TranscribeOptions, WhisperBundle, load_whisper, transcribe
+from .writers import get_writer
 
 __all__ = [
     "AudioError",
     "DecodingStats",
     "Segment",
+    "TranscribeOptions",
     "Transcription",
     "WhisperBundle",
+    "get_writer",
     "load_audio",
     "load_whisper",
     "transcribe",

@@ -7,71 +7,31 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from tqdm import tqdm
 
 from .decoding import DecodeOptions
-from .whisper import Transcription, default_gamma, get_bundle, resolve_adapter, transcribe
+from .engine import default_gamma
+from .lora import resolve_adapter
+from .whisper.transcribe import TranscribeOptions, get_bundle, option_fields, transcribe
+from .writers import OUTPUT_FORMATS, get_writer
 
 logger = logging.getLogger("crosswhisper")
 
-OUTPUT_FORMATS = ("txt", "srt", "vtt", "json")
 
-
-def _timestamp(seconds: float, decimal: str) -> str:
-    millis = round(seconds * 1000)
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
-
-
-def _write_txt(result: Transcription, out) -> None:
-    out.write(result.text + "\n")
-
-
-def _write_srt(result: Transcription, out) -> None:
-    for index, segment in enumerate(result.segments, start=1):
-        out.write(f"{index}\n{_timestamp(segment.start, ',')} --> {_timestamp(segment.end, ',')}\n{segment.text}\n\n")
-
-
-def _write_vtt(result: Transcription, out) -> None:
-    out.write("WEBVTT\n\n")
-    for segment in result.segments:
-        out.write(f"{_timestamp(segment.start, '.')} --> {_timestamp(segment.end, '.')}\n{segment.text}\n\n")
-
-
-def _write_json(result: Transcription, out) -> None:
-    json.dump(dataclasses.asdict(result), out, ensure_ascii=False, indent=2)
-    out.write("\n")
-
-
-WRITERS: dict[str, Callable[[Transcription, object], None]] = {
-    "txt": _write_txt,
-    "srt": _write_srt,
-    "vtt": _write_vtt,
-    "json": _write_json,
-}
-
-
-def write_result(result: Transcription, audio_path: Path, output_dir: Path, formats: Sequence[str]) -> list[Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        target = output_dir / f"{audio_path.stem}.{fmt}"
-        # write to a temporary name first so an interrupted run never leaves half a file
-        partial = target.with_suffix(target.suffix + ".partial")
-        with open(partial, "w", encoding="utf-8") as out:
-            WRITERS[fmt](result, out)
-        partial.replace(target)
-        written.append(target)
-    return written
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TranscribeOptions` field: --gamma, --beta, --blank-branches, ..."""
+    for option in option_fields():
+        flag = "--" + option.name.replace("_", "-")
+        if option.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=option.metadata["help"])
+            continue
+        kind = {"Optional[int]": int, "int": int, "float": float}.get(str(option.type), str)
+        parser.add_argument(flag, type=kind, default=option.default, help=option.metadata["help"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crosswhisper-transcribe",
         description="Transcribe audio files with Whisper, decoded by Cross-Regression.",
     )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg/opus, mp3, ...)")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio or video files (wav, flac, mp3, m4a, ogg/opus, mp4, webm, ...)")
     parser.add_argument(
         "--model",
         default="tiny.en",
@@ -93,18 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "none ships → no drafting)",
     )
     parser.add_argument("--no-adapter", action="store_true", help="plain greedy decoding (transformers generate)")
-    parser.add_argument(
-        "--gamma", type=int, default=None, help="draft slots per forward call (default: 3 on a CPU, 4 on a GPU)"
-    )
-    parser.add_argument("--beta", type=float, default=0.0, help="EMA factor in [0, 1); 0 = lossless (default)")
-    parser.add_argument("--tau", type=float, default=0.0, help="energy floor ≤ 0; 0 = lossless (default)")
-    parser.add_argument(
-        "--blank-branches", action="store_true",
-        help="draft from blank branches: more tokens per call for (γ+1)² more tokens in it (worth it on a GPU)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
-    parser.add_argument("--language", default=None, help="language code (default: detect; 'en' for .en models)")
+    _add_option_flags(parser)
     parser.add_argument(
         "--output-format",
         "-f",
@@ -121,20 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr
-    )
-    formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
+    configure_output(verbose=args.verbose)
     adapter = None if args.no_adapter else args.adapter
     try:  # refuse bad values before loading anything
-        gamma = args.gamma if args.gamma is not None else default_gamma(args.device)
-        DecodeOptions(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature)
+        options = TranscribeOptions(**{option.name: getattr(args, option.name) for option in option_fields()})
+        options.decode_options(args.device)
     except (ValueError, RuntimeError) as error:  # RuntimeError: torch does not know --device
         parser.error(str(error))
-    decoding = dict(
-        gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature, seed=args.seed,
-        blank_branches=args.blank_branches,
-    )
+    write = get_writer(args.output_format, args.output_dir)
 
     # a model or adapter that cannot load would fail every file: stop here, clearly
     try:
@@ -155,10 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in tqdm(args.files, desc="transcribing", unit="file", disable=len(args.files) < 2):
         path = Path(name)
         try:
-            result = transcribe(
-                path, model=bundle, adapter=adapter, language=args.language, device=args.device, **decoding
-            )
-            write_result(result, path, args.output_dir, formats)
+            result = transcribe(path, model=bundle, adapter=adapter, device=args.device, options=options)
+            write(result, path)
         except (OSError, ValueError) as error:
             # one bad file must not cost the others their transcripts: report it and go on
             failures += 1
@@ -169,6 +110,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("%d of %d file(s) failed", failures, len(args.files))
         return 1
     return 0
+
+
+def configure_output(*, verbose: bool) -> None:
+    """Our log lines on stderr; third-party warnings and progress bars only with --verbose."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr
+    )
+    if verbose:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")  # FutureWarnings &c. of the libraries we call
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" on every model load
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -203,10 +160,10 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = build_generate_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    configure_output(verbose=False)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:  # refuse bad values before loading anything
-        gamma = args.gamma if args.gamma is not None else lm.default_gamma(args.device)
+        gamma = args.gamma if args.gamma is not None else default_gamma(lm.DEFAULT_GAMMA, args.device)
         DecodeOptions(gamma=gamma, beta=args.beta, tau=args.tau, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens)
     except (ValueError, RuntimeError) as error:

@@ -101,18 +101,6 @@ class DecodeResult:
         return len(self.tokens) / self.forward_calls if self.forward_calls else 0.0
 
 
-@dataclass(frozen=True)
-class DecodingStats:
-    """Counters and timings of one `transcribe()` or `lm.generate()` call (all windows/rows)."""
-
-    forward_calls: int  # decoder forward calls (one per token for plain greedy)
-    generated_tokens: int  # tokens produced after the prompt, end-of-text included
-    tokens_per_forward: float  # generated_tokens / forward_calls (the paper's "speedup" τ)
-    encode_seconds: float  # wall time in the audio encoder and features (0 for a text LM)
-    decode_seconds: float  # wall time spent decoding tokens (a text LM's prompt prefill included)
-    acceptance_histogram: tuple[int, ...] = ()  # [i] = passes that committed i + 1 tokens
-
-
 def _sample(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Tokens [K] from logits [K, V]: argmax (greedy; no softmax needed) or a sample of
     softmax(logits/T), returned with that distribution (the q̂ a draft must carry)."""

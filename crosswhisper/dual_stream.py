@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import statistics
 import time
 import weakref
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -199,6 +198,19 @@ def install_stream_attention(model: nn.Module, gate: "StreamGate") -> int:
     return count
 
 
+def cache_argument(module: nn.Module, cache) -> dict:
+    """The KV-cache keyword of a transformers model's forward: `cache` where the installed version
+    has it (it deprecates `past_key_values`, to be removed in 5.40), else `past_key_values`."""
+    forward = type(module).forward
+    name = _CACHE_KEYWORD.get(forward)
+    if name is None:
+        name = _CACHE_KEYWORD[forward] = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_KEYWORD: dict = {}
+
+
 class StreamGate:
     """Per-row switch of the LoRA delta: `delta *= gate[row]` on every LoRA layer's output.
 
@@ -303,84 +315,46 @@ class GatedLoRALinear(nn.Module):
         return out + (delta if gate is None else delta * gate.to(delta.dtype))
 
 
-ADAPTER_INFO_FILE = "crosswhisper_adapter.json"  # beside peft's files: which base weights it was made for
-SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"  # trained adapters, one directory per model
+def block_mask(
+    prefix, cached: int, block: int, dtype: torch.dtype, *, pending: int = 1, branches: bool = False, device=None
+) -> torch.Tensor:
+    """The predictive stream's attention pattern, one for training and inference: an additive
+    mask [rows, 1, T, cached+T] (0 = may attend) for a block of `block` tokens after `cached`
+    cached positions, of which row i sees the first prefix_i (`prefix`: an int for one row, or
+    a tensor of per-row lengths).
 
+    The block is `pending` tokens (committed but not yet in the cache, the last one x_c) then
+    block − pending drafts: the pending tokens attend causally, the drafts see every pending
+    token and each other (bidirectional inside the draft block). With `branches`, the γ+1 blank
+    branches of γ+1 nodes follow the block (T = block + (γ+1)², γ = block − pending; see
+    `HFDualStream.forward_block`): branch n is laid out as the block a pass would run after
+    committing n drafts, with placeholders for drafts: its first node (the last committed token)
+    sees the prefix and itself, its placeholders see the prefix and the whole branch; nothing
+    of the block (`HFDualStream._branch_reads` lets them read the control row's).
 
-def find_shipped_adapter(weights_sha256: Optional[str], directory: Path = SHIPPED_ADAPTERS) -> Optional[Path]:
-    """The adapter directory under `directory` made for exactly these base weights, or None."""
-    import json
-
-    if not weights_sha256:
-        return None
-    for info in sorted(Path(directory).glob(f"*/{ADAPTER_INFO_FILE}")):
-        if json.loads(info.read_text()).get("base_weights_sha256") == weights_sha256:
-            return info.parent
-    return None
-
-
-@dataclass(frozen=True, eq=False)
-class AdaptedModel:
-    """A base model with a LoRA adapter and the per-row stream gate (Whisper or a text LM)."""
-
-    peft_model: nn.Module  # peft PeftModel over a private copy of the base model
-    gate: StreamGate  # switches the adapter per row (control off, predictive on)
-    source: str  # adapter directory ("<new>" for a fresh one)
-
-
-def check_adapter_record(directory: Path, *, name: str, weights_sha256: Optional[str], vocab_size: int) -> None:
-    """Refuse a directory that is no peft adapter, or whose record names other base weights."""
-    import json
-
-    if not (directory / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"not a peft adapter directory (no adapter_config.json): {directory}")
-    info_path = directory / ADAPTER_INFO_FILE
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        want = info.get("base_weights_sha256")
-        if info.get("vocab_size") not in (None, vocab_size) or (want and weights_sha256 and want != weights_sha256):
-            raise ValueError(
-                f"adapter {directory} was made for base model {info.get('base_model')!r} "
-                f"(weights {str(want)[:12]}), not for {name!r} (weights {str(weights_sha256)[:12]})"
-            )
-
-
-def load_adapter_for(
-    base_model: nn.Module, adapter, *, name: str, weights_sha256: Optional[str], vocab_size: int
-) -> AdaptedModel:
-    """Load a peft adapter directory onto a private copy of `base_model` (gated, fused for
-    inference), refusing one whose record names other base weights or another vocabulary."""
-    from peft import PeftModel
-
-    if isinstance(adapter, AdaptedModel):
-        return adapter
-    directory = Path(adapter)
-    check_adapter_record(directory, name=name, weights_sha256=weights_sha256, vocab_size=vocab_size)
-    try:
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(directory))
-    except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another model
-        raise ValueError(f"adapter {directory} does not fit {name!r}: {error}") from None
-    peft_model.eval()
-    gate = StreamGate(peft_model)
-    gate.fuse(peft_model)  # inference only: lean gated layers instead of peft's
-    return AdaptedModel(peft_model=peft_model, gate=gate, source=str(directory))
-
-
-def resolve_adapter_argument(
-    adapter, *, name: str, shipped: Callable[[], Optional[Path]], load: Callable[[str], AdaptedModel]
-) -> Optional[AdaptedModel]:
-    """A user's adapter argument → a loaded adapter, or None (no drafting): "auto" is the
-    shipped adapter for these weights (`shipped()`, None if none ships); a directory goes
-    through `load` (cached by the caller); an `AdaptedModel` or None is returned as is."""
-    if adapter is None or isinstance(adapter, AdaptedModel):
-        return adapter
-    if isinstance(adapter, str) and adapter == "auto":
-        directory = shipped()
-        if directory is None:
-            logger.debug("no adapter ships for %s: decoding without drafts", name)
-            return None
-        adapter = directory
-    return load(str(adapter))
+    Training (`crosswhisper.training`) is one pending token per row (x_c = the token at cut_i,
+    prefix_i = cut_i) over the teacher's cache of the whole example; inference's predictive row
+    is prefix = cached = the committed length. `pending=block` is plain causal attention (the
+    control row)."""
+    gamma = block - pending
+    size = gamma + 1  # nodes per branch
+    T = block + size * size if branches else block
+    if isinstance(prefix, int):
+        allowed = torch.zeros(1, 1, T, cached + T, dtype=torch.bool, device=device)
+        allowed[:, 0, :, :prefix] = True
+    else:  # per-row prefix lengths: the mask is made on their device
+        device = prefix.device
+        allowed = torch.zeros(prefix.shape[0], 1, T, cached + T, dtype=torch.bool, device=device)
+        allowed[:, 0, :, :cached] = torch.arange(cached, device=device).view(1, 1, -1) < prefix.view(-1, 1, 1)
+    allowed[:, 0, :block, cached : cached + block] = torch.tril(torch.ones(block, block, dtype=torch.bool, device=device))
+    allowed[:, 0, pending:block, cached + pending : cached + block] = True
+    if branches:
+        for n in range(size):
+            first = block + n * size
+            allowed[:, 0, first, cached + first] = True
+            allowed[:, 0, first + 1 : first + size, cached + first : cached + first + size] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class HFDualStream:
@@ -502,7 +476,7 @@ class HFDualStream:
             with attention_backends(device):
                 hidden = self.decoder(
                     input_ids=block,
-                    past_key_values=self._cache,
+                    **cache_argument(self.decoder, self._cache),
                     position_ids=positions,
                     use_cache=True,
                     **kwargs,
@@ -528,28 +502,16 @@ class HFDualStream:
         )
 
     def _block_mask(self, past: int, r: int, gamma: int, device, *, branches: bool = False) -> torch.Tensor:
-        """Additive mask [2, 1, T, past+T] over the block (L = r + γ tokens) and, with `branches`,
-        the γ+1 blank branches of γ+1 nodes after it (T = L + (γ+1)²): row 0 causal; row 1 causal
-        except that the drafts see each other (bidirectional inside the draft block) and every
-        pending token. Branch n is laid out as the block a pass would run after committing n
-        drafts, with placeholders for drafts: its first node (the last committed token) sees the
-        prefix and itself, its placeholders see the prefix and the whole branch; through
-        `_branch_reads` all of them also see the control row's tokens before the first node."""
-        L = r + gamma
-        size = gamma + 1  # nodes per branch
-        T = L + (gamma + 1) * size if branches else L
-        allowed = torch.ones(2, 1, T, past + T, dtype=torch.bool, device=device)
-        causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
-        allowed[:, 0, :, past:] = causal  # the control row's branch nodes are never read
-        allowed[PREDICTIVE, 0, r:L, past + r : past + L] = True
-        if branches:
-            allowed[PREDICTIVE, 0, L:, past:] = False
-            for n in range(gamma + 1):
-                first = L + n * size
-                allowed[PREDICTIVE, 0, first, past + first] = True
-                allowed[PREDICTIVE, 0, first + 1 : first + size, past + first : past + first + size] = True
-        mask = torch.zeros(allowed.shape, dtype=self.lm_head.weight.dtype, device=device)
-        return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+        """Additive mask [2, 1, T, past+T] over the block (r pending tokens, γ drafts) and, with
+        `branches`, the γ+1 blank branches after it (T = r + γ + (γ+1)²): row 0 causal (its
+        branch nodes are never read), row 1 the predictive stream's pattern (`block_mask`, the
+        one training uses); through `_branch_reads` the branches also see the control row's
+        tokens before their first node."""
+        dtype = self.lm_head.weight.dtype
+        predictive = block_mask(past, past, r + gamma, dtype, pending=r, branches=branches, device=device)
+        T = predictive.shape[2]
+        control = block_mask(past, past, T, dtype, pending=T, device=device)
+        return torch.cat([control, predictive])  # rows CONTROL, PREDICTIVE
 
     def _branch_reads(self, r: int, gamma: int, device) -> torch.Tensor:
         """Additive mask [1, 1, T, L] of the predictive row's reads of the control row's block:

@@ -13,11 +13,8 @@ SmolLM2-135M-Instruct), prompts and chat templates, adapters for these weights, 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import time
@@ -28,17 +25,11 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .decoding import DecodeOptions, DecodeResult, DecodingStats, decode
-from .dual_stream import (
-    ADAPTER_INFO_FILE,
-    SHIPPED_ADAPTERS,
-    AdaptedModel,
-    HFDualStream,
-    StreamGate,
-    find_shipped_adapter,
-    load_adapter_for,
-    resolve_adapter_argument,
-)
+from .decoding import DecodeOptions, DecodeResult
+from .dual_stream import HFDualStream
+from .engine import decode_prompt, default_gamma, reference_generation_config, sampling_generator
+from .lora import AdaptedModel, AdapterArgument, LoraRecipe, resolve_adapter
+from .results import DecodingStats
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +42,9 @@ DEFAULT_LM = "smollm2-135m-instruct"
 # 1.02 / 1.01 / 0.95× `generate`, the loop without drafts 1.05× (within noise: a two-row call
 # costs about what its drafts save). On a GPU a call costs about the same for 1 or 9 positions.
 DEFAULT_GAMMA = {"cpu": 2, "cuda": 8}
+
+# LoRA on every linear layer of the transformer body (not the output layer)
+LORA = LoraRecipe(target_modules="all-linear", rank=16, task_type="CAUSAL_LM")
 
 Prompt = Union[str, Sequence[dict]]  # raw text, or chat messages [{"role": ..., "content": ...}]
 
@@ -81,6 +75,10 @@ class LanguageModel:
             if isinstance(token, int) and 0 <= token < vocab:
                 return token
         return 0
+
+    @property
+    def lora_recipe(self) -> LoraRecipe:
+        return LORA
 
 
 @dataclass(frozen=True)
@@ -185,72 +183,6 @@ def encode_prompt(lm: LanguageModel, prompt: Prompt) -> list[int]:
     return list(ids)
 
 
-# --- adapters -----------------------------------------------------------------------------
-
-
-def lora_config(rank: int = 16, alpha: Optional[int] = None, *, random_init: bool = False):
-    """peft LoraConfig on every linear layer of the transformer body (not the output layer)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha or rank,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-        # peft's default makes B = 0 (a no-op); a random delta is the honest test of exactness
-        init_lora_weights=not random_init,
-    )
-
-
-def new_adapter(lm: LanguageModel, *, rank: int = 16, random_init: bool = False, seed: int = 0) -> AdaptedModel:
-    """A fresh LoRA adapter on a private copy of the base model (training, exactness tests)."""
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(lm.model), lora_config(rank, random_init=random_init)).eval()
-    return AdaptedModel(peft_model=peft_model, gate=StreamGate(peft_model), source="<new>")
-
-
-def save_adapter(adapted: AdaptedModel, directory: Path, lm: LanguageModel, **card) -> None:
-    """peft format (float16 weights: half the size, drafts only) plus the base weights' record."""
-    from peft import get_peft_model_state_dict
-
-    directory = Path(directory)
-    peft_model = adapted.peft_model
-    state = {k: v.half() for k, v in get_peft_model_state_dict(peft_model).items()}
-    peft_model.save_pretrained(str(directory), state_dict=state)
-    info = {"base_model": lm.name, "base_weights_sha256": lm.weights_sha256,
-            "vocab_size": lm.model.config.vocab_size, **card}
-    (directory / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def load_adapter(lm: LanguageModel, adapter: Union[str, os.PathLike, AdaptedModel]) -> AdaptedModel:
-    """Load a peft adapter directory for `lm`, refusing one made for other base weights."""
-    return load_adapter_for(
-        lm.model, adapter, name=lm.name, weights_sha256=lm.weights_sha256, vocab_size=lm.model.config.vocab_size
-    )
-
-
-def shipped_adapter_for(lm: LanguageModel) -> Optional[Path]:
-    """The shipped adapter made for exactly these weights (by fingerprint), or None."""
-    return find_shipped_adapter(lm.weights_sha256, SHIPPED_ADAPTERS)
-
-
-@lru_cache(maxsize=2)
-def _cached_adapter(lm: LanguageModel, directory: str) -> AdaptedModel:
-    return load_adapter(lm, directory)
-
-
-def resolve_adapter(lm: LanguageModel, adapter) -> Optional[AdaptedModel]:
-    """"auto" → the shipped adapter for these weights (None if none ships); a directory is
-    loaded once per process; an `AdaptedModel` or None is returned as is."""
-    return resolve_adapter_argument(
-        adapter, name=lm.name, shipped=lambda: shipped_adapter_for(lm),
-        load=lambda directory: _cached_adapter(lm, directory),
-    )
-
-
 # --- decoding -----------------------------------------------------------------------------
 
 
@@ -270,25 +202,27 @@ def decode_tokens(
     max_length = lm.model.config.max_position_embeddings
     if len(prompt) >= max_length:
         raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's {max_length} positions")
-    options = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, max_length - len(prompt)))
-    drafting = adapted is not None and options.gamma > 0
     causal_lm = adapted.peft_model.base_model.model if adapted is not None else lm.model
-    streams = HFDualStream(
-        causal_lm.get_decoder(),
-        causal_lm.get_output_embeddings(),
-        None,
-        process_logits=_identity,
-        gate=adapted.gate if adapted is not None else None,
-        drafting=drafting,
-        max_length=max_length,
-        placeholder_id=lm.placeholder_id,
-    )
-    eos = lm.eos_token_ids
-    return decode(
-        streams,
+
+    def streams(drafting: bool) -> HFDualStream:
+        return HFDualStream(
+            causal_lm.get_decoder(),
+            causal_lm.get_output_embeddings(),
+            None,
+            process_logits=_identity,
+            gate=adapted.gate if adapted is not None else None,
+            drafting=drafting,
+            max_length=max_length,
+            placeholder_id=lm.placeholder_id,
+        )
+
+    return decode_prompt(
         prompt,
-        options=dataclasses.replace(options, gamma=options.gamma if drafting else 0),
-        eos_token_id=eos,
+        streams=streams,
+        drafting_possible=adapted is not None,
+        options=options,
+        max_length=max_length,
+        eos_token_id=lm.eos_token_ids,
         placeholder_id=lm.placeholder_id,
         generator=generator,
         device=lm.model.device,
@@ -297,11 +231,9 @@ def decode_tokens(
 
 def generate_reference(lm: LanguageModel, prompt: Sequence[int], *, temperature: float, max_new_tokens: int) -> list[int]:
     """transformers `generate`: greedy, or plain sampling at `temperature` (no top-k/top-p)."""
-    config = copy.deepcopy(lm.model.generation_config)
-    config.do_sample = temperature > 0
-    config.temperature = temperature if temperature > 0 else None
-    config.top_k, config.top_p, config.num_beams = None, None, 1
-    config.max_new_tokens, config.max_length = max_new_tokens, None
+    config = reference_generation_config(
+        lm.model.generation_config, temperature=temperature, max_new_tokens=max_new_tokens, max_length=None
+    )
     config.eos_token_id = list(lm.eos_token_ids)
     config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else lm.eos_token_ids[0]
     with torch.inference_mode():
@@ -312,15 +244,11 @@ def generate_reference(lm: LanguageModel, prompt: Sequence[int], *, temperature:
     return tokens if stop is None else tokens[: stop + 1]  # what follows the stop is padding
 
 
-def default_gamma(device: str) -> int:
-    return DEFAULT_GAMMA.get(torch.device(device).type, DEFAULT_GAMMA["cuda"])
-
-
 def generate(
     prompt: Prompt,
     *,
     model: Union[str, LanguageModel] = DEFAULT_LM,
-    adapter: Union[None, str, os.PathLike, AdaptedModel] = "auto",
+    adapter: AdapterArgument = "auto",
     gamma: Optional[int] = None,
     beta: float = 0.0,
     tau: float = 0.0,
@@ -345,16 +273,12 @@ def generate(
     seed: seeds the sampler for reproducible output.
     """
     if gamma is None:
-        gamma = default_gamma(device)
+        gamma = default_gamma(DEFAULT_GAMMA, device)
     options = DecodeOptions(gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=max_new_tokens)
     lm = get_lm(model, device=device)
     ids = encode_prompt(lm, prompt)
     adapted = resolve_adapter(lm, adapter)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed())
-        if adapter is None and seed is not None:
-            torch.manual_seed(seed)  # generate() samples from the global generator
+    generator = sampling_generator(temperature, seed, device, reference=adapter is None)
 
     start = time.perf_counter()
     if adapter is None and gamma > 0:
@@ -365,14 +289,8 @@ def generate(
         tokens, calls, accepted = result.tokens, result.forward_calls, result.accepted
     seconds = time.perf_counter() - start
     stopped = bool(tokens) and tokens[-1] in lm.eos_token_ids
-    longest = max(accepted, default=0)
-    stats = DecodingStats(
-        forward_calls=calls,
-        generated_tokens=len(tokens),
-        tokens_per_forward=len(tokens) / calls if calls else 0.0,
-        encode_seconds=0.0,
-        decode_seconds=seconds,
-        acceptance_histogram=tuple(accepted.get(i, 0) for i in range(1, longest + 1)),
+    stats = DecodingStats.from_counts(
+        forward_calls=calls, generated_tokens=len(tokens), accepted=accepted, decode_seconds=seconds
     )
     return Generation(
         text=lm.tokenizer.decode(tokens, skip_special_tokens=True),

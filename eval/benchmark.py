@@ -21,25 +21,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crosswhisper.audio import load_audio  # noqa: E402
-from crosswhisper.decoding import DecodeOptions  # noqa: E402
-from crosswhisper.dual_stream import HFDualStream, project  # noqa: E402
-from crosswhisper.whisper import (  # noqa: E402
+from crosswhisper.audio import load_audio
+from crosswhisper.decoding import DecodeOptions
+from crosswhisper.dual_stream import HFDualStream, project
+from crosswhisper.lora import load_adapter, new_adapter, save_adapter
+from crosswhisper.whisper import (
     decode_window,
     decoder_prompt,
     encode,
     generate_greedy,
     get_bundle,
-    load_adapter,
     logits_processor,
-    new_adapter,
-    save_adapter,
 )
 
-# this directory's evaluation script (on sys.path as the running script's folder)
-from librispeech import DEFAULT_DATA, DTYPES, find_librispeech, sync_device  # noqa: E402
+# the helpers beside this script (its folder is on sys.path when it runs as `python eval/benchmark.py`)
+from common import DEFAULT_DATA, DTYPES, EvalError, find_librispeech, sync_device
 
 
 def _bundle(args):
@@ -62,7 +58,7 @@ def _adapter(bundle, spec: str):
         import tempfile
 
         directory = tempfile.mkdtemp(prefix="crosswhisper-random-adapter-")
-        save_adapter(new_adapter(bundle, rank=32, random_init=True, seed=0).peft_model, directory, bundle)
+        save_adapter(new_adapter(bundle, rank=32, random_init=True, seed=0), directory, bundle)
         spec = directory
     return load_adapter(bundle, spec)
 
@@ -272,7 +268,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases}[args.what](args)
+    try:
+        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases}[args.what](args)
+    except EvalError as error:  # missing data: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

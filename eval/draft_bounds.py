@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from crosswhisper.acceptance import AcceptanceRule, DraftBuffer, verify_greedy
-from crosswhisper.whisper import dual_streams, get_bundle, load_adapter, shipped_adapter, special_id
+from crosswhisper.lora import load_adapter, shipped_adapter
+from crosswhisper.whisper import dual_streams, get_bundle, special_id
 
 MODES = ("plain", "refresh-all", "refresh-first", "branches", "blank")
 

@@ -23,19 +23,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crosswhisper.decoding import DecodeOptions  # noqa: E402
-from crosswhisper.dual_stream import HFDualStream  # noqa: E402
-from crosswhisper.lm import (  # noqa: E402
+from crosswhisper.decoding import DecodeOptions
+from crosswhisper.dual_stream import HFDualStream
+from crosswhisper.lm import (
     DEFAULT_LM,
     decode_tokens,
     encode_prompt,
     generate_reference,
     get_lm,
-    load_adapter,
-    shipped_adapter_for,
 )
+from crosswhisper.lora import load_adapter, shipped_adapter_for
 
 
 def call_cost(lm, adapted, prefix: list[int], gammas, repeats: int = 20) -> dict:

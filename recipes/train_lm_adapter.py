@@ -29,18 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crosswhisper.lm import DEFAULT_LM, load_lm, save_adapter  # noqa: E402
-from crosswhisper.models import cache_dir  # noqa: E402
-from crosswhisper.training import (  # noqa: E402
-    TrainingConfig,
-    add_draft_arguments,
-    draft_options,
-    prepare_lm_examples,
-    tokens_per_forward,
-    train,
-)
+from crosswhisper.lm import DEFAULT_LM, load_lm
+from crosswhisper.training import LMTask, TrainingConfig, add_draft_arguments, draft_options, prepare_lm_examples, train
+from crosswhisper.whisper.cache import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "LibriSpeech"
@@ -106,6 +97,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     lm = load_lm(args.model)
+    task = LMTask(lm)
     name = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "--")
     work = args.work_dir or cache_dir() / "training" / name
     output = args.output or ROOT / "crosswhisper" / "adapters" / name
@@ -129,10 +121,10 @@ def main(argv=None) -> int:
         init_adapter=str(args.init_adapter) if args.init_adapter else None,
     )
     t0 = time.perf_counter()
-    adapted = train(lm, train_examples, config, output_dir=work / config.run_name())
+    adapted = train(task, train_examples, config, output_dir=work / config.run_name())
     train_seconds = time.perf_counter() - t0
 
-    results = [tokens_per_forward(lm, adapted, dev_examples, g) for g in args.eval_gammas]
+    results = [task.evaluate(adapted, dev_examples, g) for g in args.eval_gammas]
     for r in results:
         logging.info("held-out γ=%d: %.3f tokens/forward, %d mismatches", r["gamma"], r["tokens_per_forward"], r["mismatches"])
     card = {
@@ -151,11 +143,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "tokens_per_forward": {"held_out": results},
     }
-    save_adapter(adapted, output, lm, **card)
-    lines = [f"# Predictive-stream adapter for {args.model}", ""]
-    lines += ["Made by `recipes/train_lm_adapter.py`; every figure below comes from that run.", ""]
-    lines += ["```json", json.dumps(card, indent=2), "```", ""]
-    (output / "README.md").write_text("\n".join(lines))
+    task.export(adapted, output, card)
     # the held-out prompt set travels with the adapter: tests and eval/lm_benchmark.py read it
     (output / "held_out_prompts.json").write_text(json.dumps(dev_prompts, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(results, indent=2))

@@ -23,19 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crosswhisper.models import cache_dir  # noqa: E402
-from crosswhisper.training import (  # noqa: E402
-    TrainingConfig,
-    add_draft_arguments,
-    draft_options,
-    export_adapter,
-    prepare_examples,
-    tokens_per_forward,
-    train,
-)
-from crosswhisper.whisper import LORA_TARGET_MODULES, get_bundle  # noqa: E402
+from crosswhisper.training import TrainingConfig, WhisperTask, add_draft_arguments, draft_options, prepare_examples, train
+from crosswhisper.whisper import LORA, get_bundle
+from crosswhisper.whisper.cache import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "LibriSpeech"
@@ -84,6 +74,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     bundle = get_bundle(args.model)
+    task = WhisperTask(bundle)
     work = args.work_dir or cache_dir() / "training" / args.model
     output = args.output or ROOT / "crosswhisper" / "adapters" / args.model
     rng = random.Random(args.seed)
@@ -108,14 +99,14 @@ def main(argv=None) -> int:
         init_adapter=str(args.init_adapter) if args.init_adapter else None,
     )
     t0 = time.perf_counter()
-    adapted = train(bundle, train_examples, config, output_dir=work / config.run_name())
+    adapted = train(task, train_examples, config, output_dir=work / config.run_name())
     train_seconds = time.perf_counter() - t0
 
     results = {}
     splits = (("dev", dev_examples, args.train_data), ("test-clean", test_examples, args.test_data))
     for split, examples, subset in splits:
         references = human_transcripts(subset)
-        results[split] = [tokens_per_forward(bundle, adapted, examples, g, references) for g in args.eval_gammas]
+        results[split] = [task.evaluate(adapted, examples, g, references) for g in args.eval_gammas]
         for r in results[split]:
             logging.info(
                 "%s γ=%d: %.3f tokens/forward, %d mismatches, WER %.2f %%",
@@ -124,7 +115,7 @@ def main(argv=None) -> int:
     card = {
         "base_model": args.model,
         "base_weights_sha256": bundle.weights_sha256,
-        "lora": {"rank": args.rank, "alpha": args.rank, "target_modules": LORA_TARGET_MODULES},
+        "lora": {"rank": args.rank, "alpha": args.rank, "target_modules": LORA.target_modules},
         "training": asdict(config),
         "data": {
             "train": f"{args.train_data.name}: {len(train_files)} utterances, speakers except {args.dev_speakers}",
@@ -136,7 +127,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "tokens_per_forward": results,
     }
-    export_adapter(adapted, bundle, output, card)
+    task.export(adapted, output, card)
     print(json.dumps(results, indent=2))
     return 0
 

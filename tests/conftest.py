@@ -4,9 +4,14 @@ import pytest
 import soundfile as sf
 import torch
 
-# ../shared/data beside the repository (CI checks out main with ../shared next to it)
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LibriSpeech"
-TEST_CLEAN = DATA / "test-clean"
+# Test data shipped in the repository (tests/data/README.md says where each file comes from).
+DATA = Path(__file__).resolve().parent / "data"
+TEST_CLEAN = DATA / "LibriSpeech" / "test-clean"
+LONGFORM = DATA / "longform" / "1088-134318"  # .flac + .txt: 103 s of one LibriSpeech chapter
+LANGUAGES = ("de", "fr", "es")  # tests/data/languages/<lang>.flac, espeak-ng speech
+# The larger data beside the repository (../shared/data), for training and larger evaluations.
+# A test that needs it must be marked slow and skip when it is absent (shared_data fixture).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def librispeech_utterances(subset_dir: Path) -> list[tuple[str, Path, str]]:
@@ -23,7 +28,7 @@ def librispeech_utterances(subset_dir: Path) -> list[tuple[str, Path, str]]:
 @pytest.fixture(scope="session")
 def test_clean() -> list[tuple[str, Path, str]]:
     if not TEST_CLEAN.is_dir():
-        pytest.fail(f"LibriSpeech test-clean not found at {TEST_CLEAN} (../shared/data must sit beside the repo)")
+        pytest.fail(f"LibriSpeech test-clean not found at {TEST_CLEAN} (part of the repository: tests/data)")
     items = librispeech_utterances(TEST_CLEAN)
     assert len(items) == 7
     return items
@@ -33,6 +38,31 @@ def test_clean() -> list[tuple[str, Path, str]]:
 def test_clean_audio(test_clean):
     """utterance id → 16 kHz float32 waveform."""
     return {utt: sf.read(path, dtype="float32")[0] for utt, path, _ in test_clean}
+
+
+@pytest.fixture(scope="session")
+def longform() -> tuple[Path, str]:
+    """(16 kHz FLAC of 103 s, its reference transcript): 8 utterances of one chapter, 0.5 s apart."""
+    audio, text = LONGFORM.with_suffix(".flac"), LONGFORM.with_suffix(".txt")
+    assert audio.is_file() and text.is_file(), f"long-form test audio missing: {LONGFORM}.flac/.txt"
+    return audio, text.read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def language_clips() -> dict[str, Path]:
+    """language code → 16 kHz FLAC of one synthesised sentence in that language (not English)."""
+    clips = {lang: DATA / "languages" / f"{lang}.flac" for lang in LANGUAGES}
+    missing = [str(path) for path in clips.values() if not path.is_file()]
+    assert not missing, f"language test clips missing: {missing}"
+    return clips
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repository; only slow tests may use it, and they skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not found (only needed for the larger, slow checks)")
+    return SHARED_DATA
 
 
 @pytest.fixture

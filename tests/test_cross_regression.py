@@ -9,18 +9,8 @@ from crosswhisper import transcribe
 from crosswhisper.decoding import DecodeOptions, decode
 from crosswhisper.dual_stream import HFDualStream, StreamGate
 from crosswhisper.metrics import word_error_rate
-from crosswhisper.whisper import (
-    AdaptedModel,
-    decode_window,
-    decoder_prompt,
-    encode,
-    generate_greedy,
-    get_bundle,
-    load_adapter,
-    new_adapter,
-    save_adapter,
-    shipped_adapter,
-)
+from crosswhisper.lora import AdaptedModel, load_adapter, new_adapter, save_adapter, shipped_adapter
+from crosswhisper.whisper import decode_window, decoder_prompt, encode, generate_greedy, get_bundle
 
 GAMMAS = (1, 4, 16)
 
@@ -31,7 +21,7 @@ def whisper_case(request, test_clean, test_clean_audio, tmp_path_factory):
     peft format, then `load_adapter`, fused), and the 7 windows with their greedy reference."""
     bundle = get_bundle(request.param)
     directory = tmp_path_factory.mktemp("adapter")
-    save_adapter(new_adapter(bundle, rank=8, random_init=True, seed=0).peft_model, directory, bundle)
+    save_adapter(new_adapter(bundle, rank=8, random_init=True, seed=0), directory, bundle)
     adapted = load_adapter(bundle, directory)
     windows = []
     for utt, _, _ in test_clean:
@@ -153,7 +143,7 @@ def test_half_precision_model_with_adapter_stays_lossless(test_clean, test_clean
 def test_transcribe_with_adapter_directory(tmp_path, test_clean):
     bundle = get_bundle("tiny.en")
     adapted = new_adapter(bundle, rank=8, random_init=True, seed=1)
-    save_adapter(adapted.peft_model, tmp_path / "adapter", bundle)
+    save_adapter(adapted, tmp_path / "adapter", bundle)
     _, path, _ = test_clean[0]
     reference = transcribe(path, adapter=None)
     fast = transcribe(path, adapter=tmp_path / "adapter", gamma=4)
@@ -165,7 +155,7 @@ def test_transcribe_with_adapter_directory(tmp_path, test_clean):
 def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, tmp_path):
     bundle = get_bundle("tiny.en")
     hooked = new_adapter(bundle, rank=8, random_init=True, seed=2)
-    save_adapter(hooked.peft_model, tmp_path, bundle)
+    save_adapter(hooked, tmp_path, bundle, dtype=torch.float32)  # bit-identical to the one in memory
     fused = load_adapter(bundle, tmp_path)
     assert not any("lora_" in name for name, _ in fused.peft_model.named_modules())
     utt = test_clean[0][0]
@@ -187,7 +177,7 @@ def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, t
 def test_adapter_for_another_model_is_refused(tmp_path):
     base = get_bundle("base")
     adapted = new_adapter(base, rank=4, random_init=True)
-    save_adapter(adapted.peft_model, tmp_path / "base-adapter", base)
+    save_adapter(adapted, tmp_path / "base-adapter", base)
     with pytest.raises(ValueError, match="made for base model 'base'"):
         load_adapter(get_bundle("tiny.en"), tmp_path / "base-adapter")
     (tmp_path / "base-adapter" / "crosswhisper_adapter.json").unlink()  # no record: shapes still refuse it
@@ -225,9 +215,9 @@ def tiny_random_whisper():
         model.proj_out.weight.mul_(8.0)
     from peft import get_peft_model
 
-    from crosswhisper.whisper import lora_config
+    from crosswhisper.whisper import LORA
 
-    peft_model = get_peft_model(model, lora_config(rank=4, alpha=64, random_init=True)).eval()
+    peft_model = get_peft_model(model, LORA.config(rank=4, alpha=64, random_init=True)).eval()
     encoder_states = torch.randn(1, 6, 16)
     return peft_model, StreamGate(peft_model), encoder_states
 
@@ -278,7 +268,7 @@ def test_cli_with_adapter(tmp_path, test_clean, capsys):
     from crosswhisper.cli import main as cli_main
 
     bundle = get_bundle("tiny.en")
-    save_adapter(new_adapter(bundle, rank=4, random_init=True).peft_model, tmp_path / "adapter", bundle)
+    save_adapter(new_adapter(bundle, rank=4, random_init=True), tmp_path / "adapter", bundle)
     _, path, _ = test_clean[4]
     assert cli_main([str(path), "--adapter", str(tmp_path / "adapter"), "--gamma", "4", "-o", str(tmp_path)]) == 0
     assert (tmp_path / f"{path.stem}.txt").read_text().strip() == transcribe(path, adapter=None).text
@@ -298,18 +288,18 @@ def test_default_uses_the_shipped_adapter_losslessly(test_clean):
 
 
 def test_default_without_shipped_adapter_is_our_greedy_loop(test_clean, tmp_path, monkeypatch):
-    import crosswhisper.whisper
+    import crosswhisper.lora
 
     _, path, _ = test_clean[3]
-    monkeypatch.setattr(crosswhisper.whisper, "SHIPPED_ADAPTERS", tmp_path)  # nothing ships
+    monkeypatch.setattr(crosswhisper.lora, "SHIPPED_ADAPTERS", tmp_path)  # nothing ships
     reference = transcribe(path, adapter=None)
     default = transcribe(path)
     assert default.tokens == reference.tokens and default.stats.tokens_per_forward == 1.0
 
 
 def test_adapter_found_by_weights_not_by_name(tmp_path):
-    from crosswhisper.models import bundled_model_dir
-    from crosswhisper.whisper import shipped_adapter_for
+    from crosswhisper.lora import shipped_adapter_for
+    from crosswhisper.whisper import bundled_model_dir
 
     by_directory = get_bundle(str(bundled_model_dir("tiny.en")))  # same weights, loaded by path
     assert shipped_adapter_for(by_directory) == shipped_adapter("tiny.en")

@@ -41,6 +41,8 @@ UTTERANCE_SYSTEM_FIELDS = {
 
 @pytest.fixture(scope="module")
 def script():
+    # as `python eval/librispeech.py` does: its folder on sys.path, for the modules beside it (common, report, ...)
+    sys.path.insert(0, str(REPO / "eval"))
     spec = importlib.util.spec_from_file_location("eval_librispeech", REPO / "eval" / "librispeech.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up

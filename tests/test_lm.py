@@ -19,12 +19,9 @@ from crosswhisper.lm import (
     generate,
     generate_reference,
     get_lm,
-    load_adapter,
-    new_adapter,
-    save_adapter,
-    shipped_adapter_for,
     weights_fingerprint,
 )
+from crosswhisper.lora import load_adapter, new_adapter, save_adapter, shipped_adapter_for
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -123,7 +120,7 @@ def test_adapter_for_other_weights_is_refused(smollm, tmp_path):
     save_adapter(adapted, tmp_path / "adapter", other)
     with pytest.raises(ValueError, match="made for base model"):
         load_adapter(smollm, tmp_path / "adapter")
-    from crosswhisper.whisper import shipped_adapter
+    from crosswhisper.lora import shipped_adapter
 
     with pytest.raises(ValueError):  # a Whisper adapter on a text LM
         load_adapter(smollm, shipped_adapter("tiny.en"))
@@ -310,7 +307,7 @@ def test_chained_previous_blocks_feed_each_other(toy_llama):
 
 
 def test_training_warm_starts_from_a_saved_adapter(toy_llama, tmp_path):
-    from crosswhisper.lm import save_adapter
+    from crosswhisper.lora import save_adapter
     from crosswhisper.training import Example, TrainingConfig, train
 
     toy, _ = toy_llama

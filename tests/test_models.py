@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from crosswhisper import models
-from crosswhisper.models import BUNDLED_MODELS, bundled_model_dir, cache_dir, load_whisper
+from crosswhisper.whisper import cache, ct2, loading
+from crosswhisper.whisper.cache import cache_dir
+from crosswhisper.whisper.loading import BUNDLED_MODELS, bundled_model_dir, load_whisper
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the tests (tests/data/README.md)
 TEST_CLEAN = sorted((DATA / "LibriSpeech" / "test-clean").glob("**/*.flac"))
 N_FRAMES = 3000  # one 30 s encoder window of log-mel frames
 
@@ -57,7 +58,7 @@ def utterances() -> list[tuple[Path, np.ndarray]]:
     return loaded
 
 
-def whisper_features(bundle: models.WhisperBundle, audio: np.ndarray) -> torch.Tensor:
+def whisper_features(bundle: loading.WhisperBundle, audio: np.ndarray) -> torch.Tensor:
     """Log-mel features the way openai-whisper and faster-whisper make them for audio < 30 s:
     the log-mel of the audio alone, padded with zero frames to 30 s. (The feature extractor's
     default pads the *audio* with silence instead, which changes the padded frames and, for
@@ -68,7 +69,7 @@ def whisper_features(bundle: models.WhisperBundle, audio: np.ndarray) -> torch.T
     return torch.nn.functional.pad(features, (0, N_FRAMES - features.shape[-1]))
 
 
-def greedy_text(bundle: models.WhisperBundle, audio: np.ndarray, **generate_kwargs) -> str:
+def greedy_text(bundle: loading.WhisperBundle, audio: np.ndarray, **generate_kwargs) -> str:
     with torch.inference_mode():
         ids = bundle.model.generate(whisper_features(bundle, audio), **generate_kwargs)
     return normalise(bundle.tokenizer.decode(ids[0], skip_special_tokens=True))
@@ -103,7 +104,7 @@ def test_bundled_model_shapes(bundles, name, d_model, layers, heads, vocab):
     assert bundle.model.generation_config is bundle.generation_config
     assert bundle.feature_extractor.feature_size == 80 and bundle.feature_extractor.sampling_rate == 16_000
     assert bundle.name == name and bundle.source == str(bundled_model_dir(name))
-    assert bundle.weights_sha256 == models._sha256_file(bundled_model_dir(name) / "model.bin")
+    assert bundle.weights_sha256 == cache.sha256_file(bundled_model_dir(name) / "model.bin")
     assert len(bundle.tokenizer) == vocab  # timestamp tokens included
 
 
@@ -254,7 +255,7 @@ def test_ct2_round_trip(small_random_whisper, tmp_path, quantization):
     converter = ctranslate2.converters.TransformersConverter(str(hf_dir), copy_files=["tokenizer.json"])
     converter.convert(str(ct2_dir), quantization=quantization)
 
-    converted_model = models._convert_ct2(ct2_dir).model
+    converted_model = ct2.convert_ct2(ct2_dir).model
     converted, original = converted_model.state_dict(), model.state_dict()
     assert converted.keys() == original.keys()
     for name, value in original.items():
@@ -298,13 +299,13 @@ def private_cache(tmp_path, monkeypatch):
 def conversions(monkeypatch) -> list[Path]:
     """Records each call of the converter."""
     calls: list[Path] = []
-    real = models._convert_ct2
+    real = ct2.convert_ct2
 
     def spy(ct2_dir):
         calls.append(ct2_dir)
         return real(ct2_dir)
 
-    monkeypatch.setattr(models, "_convert_ct2", spy)
+    monkeypatch.setattr(ct2, "convert_ct2", spy)
     return calls
 
 
@@ -339,7 +340,7 @@ def test_cache_is_reused_and_corrupt_entries_are_rebuilt(
     weights = entry / "model.safetensors"
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="crosswhisper.models"):
+    with caplog.at_level(logging.WARNING, logger="crosswhisper.whisper"):
         third = load_whisper("tiny.en")
     assert len(conversions) == 2
     assert "rebuilding" in caplog.text
@@ -426,7 +427,7 @@ def test_unknown_hub_id_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable once, at import
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(models.ModelNotAvailableError) as error:
+    with pytest.raises(loading.ModelNotAvailableError) as error:
         load_whisper("no-such-org/no-such-whisper")
     message = str(error.value)
     assert "no-such-org/no-such-whisper" in message and "tiny.en" in message and "base" in message

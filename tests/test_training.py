@@ -18,7 +18,8 @@ from crosswhisper.training import (
     suffix_weights,
     train,
 )
-from crosswhisper.whisper import get_bundle, logits_processor, new_adapter, save_adapter, special_id
+from crosswhisper.lora import new_adapter, save_adapter
+from crosswhisper.whisper import get_bundle, logits_processor, special_id
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_warm_start_into_a_higher_rank_keeps_the_function_and_trains_every_rank(
     not dead (their A rows are random, so their B columns get gradient)."""
     bundle, examples = setup
     ex = examples[0]
-    save_adapter(new_adapter(bundle, rank=4, random_init=True, seed=5).peft_model, tmp_path, bundle)
+    save_adapter(new_adapter(bundle, rank=4, random_init=True, seed=5), tmp_path, bundle)
     small, grown = new_adapter(bundle, rank=4), new_adapter(bundle, rank=8, seed=6)
     _warm_start(WhisperTask(bundle), small, tmp_path)
     _warm_start(WhisperTask(bundle), grown, tmp_path)

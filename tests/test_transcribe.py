@@ -1,5 +1,6 @@
 """The baseline: transcribe() and the CLI on real LibriSpeech audio with real Whisper weights."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_result_fields(test_clean):
     assert s.tokens_per_forward == pytest.approx(s.generated_tokens / s.forward_calls)
     assert s.encode_seconds > 0 and s.decode_seconds > 0
     assert result.segments[0].start == 0 and result.segments[0].end == pytest.approx(result.duration)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         result.text = "changed"  # frozen
 
 
@@ -44,9 +45,11 @@ def test_array_input_equals_file_input(test_clean, test_clean_audio):
     assert transcribe(test_clean_audio[utt]).tokens == transcribe(path).tokens
 
 
-def test_base_detects_english(test_clean):
-    _, path, _ = test_clean[2]
-    assert transcribe(path, model="base").language == "en"
+@pytest.mark.parametrize("lang", ["en", "de", "fr", "es"])
+def test_base_detects_the_language(lang, test_clean, language_clips):
+    # English: a LibriSpeech utterance; the others: espeak-ng sentences (tests/data/languages)
+    path = test_clean[2][1] if lang == "en" else language_clips[lang]
+    assert transcribe(path, model="base").language == lang
 
 
 def test_other_formats_and_rates(tmp_path, test_clean, test_clean_audio):

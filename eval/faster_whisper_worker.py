@@ -1,0 +1,85 @@
+"""faster-whisper (CTranslate2) in a child process, for eval/librispeech.py's faster-whisper systems.
+
+CTranslate2's OpenMP threads in the same process as torch's slowed the torch systems measured
+after it (tiny.en, 2-core CPU: lossless decode 1.41 s alone, 2.26 s with faster-whisper loaded
+beside it), so each faster-whisper system runs in a child process of its own, driven utterance
+by utterance (still interleaved with the other systems); its threads wait passively between
+calls (OMP_WAIT_POLICY=PASSIVE). `Worker` is the parent's side; the child is this file run as
+
+    python eval/faster_whisper_worker.py CT2_DIR COMPUTE_TYPE DEVICE THREADS
+
+which reads pickled float32 audio arrays on stdin and writes pickled (tokens per segment, segment
+texts, seconds) on stdout until stdin closes; the transcribe call alone is timed. It imports
+neither torch nor crosswhisper.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# greedy, options matching the reference decode (transformers' generate without timestamps)
+FASTER_WHISPER_OPTIONS = dict(
+    beam_size=1,
+    without_timestamps=True,
+    vad_filter=False,
+    condition_on_previous_text=False,
+    temperature=0,
+)
+
+
+class WorkerDied(Exception):
+    """The child process ended (its exit status is in the message)."""
+
+
+class Worker:
+    """A faster-whisper model on a CTranslate2 directory, in a child process."""
+
+    def __init__(self, ct2_dir: Path, compute_type: str, device: str, threads: int):
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), str(ct2_dir), compute_type, device, str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        atexit.register(self.process.kill)
+
+    def transcribe(self, audio: np.ndarray) -> tuple[list[list[int]], list[str], float]:
+        """(token ids per segment, segment texts, seconds of the transcribe call) for one utterance."""
+        pickle.dump(np.ascontiguousarray(audio, dtype=np.float32), self.process.stdin)
+        self.process.stdin.flush()
+        try:
+            return pickle.load(self.process.stdout)
+        except EOFError:
+            raise WorkerDied(f"exit {self.process.wait()}") from None
+
+
+def serve(ct2_dir: str, compute_type: str, device: str, threads: int) -> int:
+    """The child's loop: a pickled audio array in on stdin → pickled results out on stdout."""
+    from faster_whisper import WhisperModel
+
+    out = os.fdopen(os.dup(1), "wb")  # the results channel; anything printed goes to stderr
+    os.dup2(2, 1)
+    model = WhisperModel(ct2_dir, device=device, compute_type=compute_type, cpu_threads=threads)
+    while True:
+        try:
+            audio = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return 0
+        t0 = time.perf_counter()
+        segments = list(model.transcribe(audio, **FASTER_WHISPER_OPTIONS)[0])  # the generator does the work
+        seconds = time.perf_counter() - t0
+        pickle.dump(([list(s.tokens) for s in segments], [s.text for s in segments], seconds), out)
+        out.flush()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit(f"usage: {sys.argv[0]} CT2_DIR COMPUTE_TYPE DEVICE THREADS (started by eval/librispeech.py)")
+    sys.exit(serve(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
