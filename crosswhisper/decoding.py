@@ -76,6 +76,9 @@ class DecodeOptions:
     # pass's correction (or bonus) goes, not next to the rejected draft; (γ+1)² more tokens per
     # call. Replaces `refill` where the model computes them (HFDualStream does)
     blank_branches: bool = False
+    # also return each generated token's log-probability under the control stream's processed,
+    # untempered distribution (Whisper's avg_logprob for temperature fallback)
+    token_logprobs: bool = False
 
     def __post_init__(self):
         if int(self.gamma) != self.gamma or self.gamma < 0:
@@ -95,6 +98,7 @@ class DecodeResult:
     tokens: list[int]  # generated tokens (prompt excluded), end-of-text included when produced
     forward_calls: int = 0
     accepted: Counter = field(default_factory=Counter)  # tokens committed per call → count
+    token_logprobs: list[float] = field(default_factory=list)  # per token, with `DecodeOptions.token_logprobs`
 
     @property
     def tokens_per_forward(self) -> float:
@@ -171,6 +175,9 @@ def decode(
             new_tokens = new_tokens[: stop + 1]
         result.tokens += new_tokens
         result.accepted[len(new_tokens)] += 1
+        if options.token_logprobs:  # P_j is the distribution the j-th committed token came from
+            logprobs = torch.log_softmax(P_logits[0, : len(new_tokens)], dim=-1)
+            result.token_logprobs += logprobs[torch.arange(len(new_tokens)), new_tokens].tolist()
         if stop is not None or len(result.tokens) >= options.max_new_tokens:
             return result
 

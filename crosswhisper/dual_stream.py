@@ -76,7 +76,11 @@ def attention_backends(device: torch.device):
 
 
 # a function (logits [B, K, V], absolute token indices [K]) -> processed logits, in place allowed
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A model's logits processing (suppressed tokens, Whisper's timestamp rules, ...), as a function
+# of the prefix: (logits [B, K, V], token_index [K], tokens [N]) → logits, where logits[:, k]
+# predict the token at position token_index[k] and tokens[: token_index[k]] come before it
+# (prompt included; inside a block, the drafts before it: DESIGN §1.5).
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -368,6 +372,9 @@ class HFDualStream:
     gate: the StreamGate of the adapter, or None for a model without adapter
     drafting: run the predictive row too (needs `gate`); False = control stream alone (γ = 0)
     placeholder_id: the token of empty draft slots, fed to the blank branches
+    observe_index: a position of the prompt whose raw (unprocessed) control-stream logits are
+        kept in `observed_logits` when the first block computes it (Whisper's no-speech
+        probability is read at <|startoftranscript|>)
     """
 
     def __init__(
@@ -381,6 +388,7 @@ class HFDualStream:
         drafting: bool,
         max_length: int,
         placeholder_id: Optional[int] = None,
+        observe_index: Optional[int] = None,
     ):
         if drafting and gate is None:
             raise ValueError("drafting needs a model with an adapter (a StreamGate)")
@@ -392,7 +400,11 @@ class HFDualStream:
         self.vocab_size = lm_head.weight.shape[0]
         self.max_length = max_length
         self.placeholder_id = placeholder_id
+        self.observe_index = observe_index
+        self.observed_logits: Optional[torch.Tensor] = None  # [V] at `observe_index`
         self.length = 0  # committed tokens held in the cache
+        self._tokens = torch.empty(0, dtype=torch.long)  # those tokens (prompt included)
+        self._block_tokens = self._tokens  # the last block's tokens (pending + drafts)
         self._block = 0  # tokens appended by the last forward_block
         self._cache = None
         self._rows = 2 if drafting else 1
@@ -404,6 +416,8 @@ class HFDualStream:
         self.length = 0
         self._block = 0
         self._cache = None
+        self._tokens = torch.empty(0, dtype=torch.long)
+        self._block_tokens = self._tokens
 
     def _new_cache(self):
         """A cache whose cross-attention part already holds the audio's keys/values.
@@ -485,16 +499,25 @@ class HFDualStream:
             if branches:
                 self.gate.control_reads = None
         self._block = block.shape[1]
+        if self.observe_index is not None and past <= self.observe_index < past + r:
+            at = self.observe_index - past
+            self.observed_logits = project(hidden[CONTROL : CONTROL + 1, at : at + 1], self.lm_head)[0, 0]
         # only the last pending token and the drafts predict something we need
         logits = project(hidden[:, r - 1 : L], self.lm_head)
         token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
-        logits = self.process_logits(logits, token_index)
+        self._block_tokens = block[0, :L]
+        self._tokens = self._tokens.to(device)
+        sequence = torch.cat([self._tokens, self._block_tokens])
+        logits = self.process_logits(logits, token_index, sequence)
         branch_logits = None
         if branches:  # the predictive row's placeholder nodes; each predicts the token after it
             placeholders = hidden[PREDICTIVE, L:].view(gamma + 1, gamma + 1, -1)[:, 1:]
             branch_logits = project(placeholders.reshape(1, (gamma + 1) * gamma, -1), self.lm_head)
-            branch_logits = self.process_logits(branch_logits, branch_positions[:, 1:].flatten() + 1)
             branch_logits = branch_logits.view(1, gamma + 1, gamma, -1)
+            # branch n's prefix: the block up to its first node, then placeholders (tokens to come)
+            for n in range(gamma + 1):
+                prefix = torch.cat([sequence[: past + r + n], nodes[n, 1:]])
+                branch_logits[:, n] = self.process_logits(branch_logits[:, n], branch_positions[n, 1:] + 1, prefix)
         return BlockOutput(
             control_logits=logits[CONTROL : CONTROL + 1],
             predictive_logits=logits[PREDICTIVE : PREDICTIVE + 1] if two_rows else None,
@@ -531,6 +554,7 @@ class HFDualStream:
         if not 0 <= keep <= self._block:
             raise ValueError(f"cannot keep {keep} of a {self._block}-token block")
         start, self.length = self.length, self.length + keep
+        self._tokens = torch.cat([self._tokens, self._block_tokens[:keep]])
         # Whisper's cache pairs self- and cross-attention caches; a text LM's is self-attention only
         cache = getattr(self._cache, "self_attention_cache", self._cache)
         # transformers 5 crops by a negative count of tokens to remove

@@ -186,7 +186,7 @@ def encode_prompt(lm: LanguageModel, prompt: Prompt) -> list[int]:
 # --- decoding -----------------------------------------------------------------------------
 
 
-def _identity(logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+def _identity(logits: torch.Tensor, token_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits  # plain LM sampling: no suppressed tokens; temperature is the loop's
 
 

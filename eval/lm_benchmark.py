@@ -45,7 +45,7 @@ def call_cost(lm, adapted, prefix: list[int], gammas, repeats: int = 20) -> dict
     def streams(drafting):
         s = HFDualStream(
             causal_lm.get_decoder(), causal_lm.get_output_embeddings(), None,
-            process_logits=lambda logits, index: logits, gate=adapted.gate, drafting=drafting,
+            process_logits=lambda logits, index, tokens: logits, gate=adapted.gate, drafting=drafting,
             max_length=lm.model.config.max_position_embeddings,
         )
         s.reset(1)

@@ -165,7 +165,7 @@ def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, t
     for adapted in (hooked, fused):
         model = adapted.peft_model.base_model.model
         streams = HFDualStream(
-            model.model.decoder, model.proj_out, hidden, process_logits=lambda logits, index: logits,
+            model.model.decoder, model.proj_out, hidden, process_logits=lambda logits, index, tokens: logits,
             gate=adapted.gate, drafting=True, max_length=448,
         )
         streams.reset(1)
@@ -226,7 +226,7 @@ def _streams(peft_model, gate, encoder_states, drafting):
     whisper = peft_model.base_model.model
     return HFDualStream(
         whisper.model.decoder, whisper.proj_out, encoder_states,
-        process_logits=lambda logits, index: logits, gate=gate, drafting=drafting, max_length=16, placeholder_id=1,
+        process_logits=lambda logits, index, tokens: logits, gate=gate, drafting=drafting, max_length=16, placeholder_id=1,
     )
 
 

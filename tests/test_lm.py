@@ -178,7 +178,7 @@ def test_lm_student_sees_what_the_predictive_stream_sees_at_inference(toy_llama)
     causal_lm = adapted.peft_model.base_model.model
     streams = HFDualStream(
         causal_lm.get_decoder(), causal_lm.get_output_embeddings(), None,
-        process_logits=lambda logits, index: logits, gate=adapted.gate, drafting=True, max_length=16,
+        process_logits=lambda logits, index, tokens: logits, gate=adapted.gate, drafting=True, max_length=16,
     )
     streams.reset(1)
     streams.forward_block(tokens[:cut].view(1, -1), torch.empty(1, 0, dtype=torch.long))
@@ -235,7 +235,8 @@ def _toy_draft_case(toy_llama, *, truth: float):
 def test_previous_block_drafts_are_what_inference_feeds_after_a_rejection(toy_llama):
     """draft_source="previous-block": a block at cut gets the student's slots 1..γ of the block
     at cut − 1 (as inference refills after rejecting d_1); the first cut gets placeholders."""
-    from crosswhisper.training import TrainingConfig, _previous_block_drafts
+    from crosswhisper.training import TrainingConfig
+    from crosswhisper.training.data import _previous_block_drafts
 
     toy, adapted, example, task, replay, cache = _toy_draft_case(toy_llama, truth=0.0)
     gamma, low = 3, 1
@@ -256,7 +257,8 @@ def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
     """rejected_draft_prob=1: the earlier block's draft for the cut position is wrong, as at
     inference (a block starts where the draft was rejected): the student's first choice if
     wrong, else its second choice, which the buffer keeps next to the first."""
-    from crosswhisper.training import TrainingConfig, _previous_block_drafts
+    from crosswhisper.training import TrainingConfig
+    from crosswhisper.training.data import _previous_block_drafts
 
     toy, adapted, example, task, replay, cache = _toy_draft_case(toy_llama, truth=1.0)
     tokens, gamma, low = example.tokens, 3, 1
@@ -291,7 +293,8 @@ def test_previous_block_drafts_follow_a_rejected_draft(toy_llama):
 
 def test_chained_previous_blocks_feed_each_other(toy_llama):
     """previous_blocks=2: the block at cut − 1 reads the drafts of the block at cut − 2."""
-    from crosswhisper.training import TrainingConfig, _previous_block_drafts
+    from crosswhisper.training import TrainingConfig
+    from crosswhisper.training.data import _previous_block_drafts
 
     _, adapted, example, task, replay, cache = _toy_draft_case(toy_llama, truth=1.0)
     gamma, low = 3, 1

@@ -61,7 +61,7 @@ def _teacher_pass(bundle: WhisperBundle, example: Example):
         out = decoder(input_ids=tokens, encoder_hidden_states=hidden, past_key_values=cache, use_cache=True)
         logits = project(out.last_hidden_state, bundle.model.proj_out)
         index = torch.arange(tokens.shape[1])
-        logits = logits_processor(bundle, example.prompt_length)(logits, index + 1)
+        logits = logits_processor(bundle, example.prompt_length)(logits, index + 1, example.tokens)
         teacher = logits.softmax(-1)[0]  # [L, V]: row t = P(x_{t+1} | x_≤t)
     return teacher, cache
 

@@ -9,6 +9,7 @@ loop over them (`decoding.decode`), or transformers' `generate` as the reference
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -36,12 +37,21 @@ def is_multilingual(bundle: WhisperBundle) -> bool:
     return bool(getattr(bundle.generation_config, "is_multilingual", False))
 
 
-def decoder_prompt(bundle: WhisperBundle, language: Optional[str]) -> list[int]:
-    """The tokens Whisper decodes after: <|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|>."""
+def decoder_prompt(
+    bundle: WhisperBundle, language: Optional[str], *, task: str = "transcribe", timestamps: bool = False
+) -> list[int]:
+    """The tokens Whisper decodes after: <|startoftranscript|> [<|lang|> <|task|>], then
+    <|notimestamps|> unless the window is decoded with timestamps. English-only models take
+    neither a language nor a task."""
+    if task not in ("transcribe", "translate"):
+        raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
     prompt = [special_id(bundle, "<|startoftranscript|>")]
     if is_multilingual(bundle):
-        prompt += [special_id(bundle, f"<|{language}|>"), special_id(bundle, "<|transcribe|>")]
-    prompt.append(special_id(bundle, "<|notimestamps|>"))
+        prompt += [special_id(bundle, f"<|{language}|>"), special_id(bundle, f"<|{task}|>")]
+    elif task == "translate":
+        raise ValueError(f"{bundle.name} is an English-only model: it cannot translate")
+    if not timestamps:
+        prompt.append(special_id(bundle, "<|notimestamps|>"))
     return prompt
 
 
@@ -87,13 +97,16 @@ def generate_greedy(
     prompt: list[int],
     *,
     temperature: float = 0.0,
+    timestamps: bool = False,
 ) -> tuple[list[int], int]:
     """Reference decode: transformers' `generate`, no timestamps; greedy unless temperature > 0.
     Returns (generated tokens, decoder forward calls)."""
     from transformers.modeling_outputs import BaseModelOutput
 
     model = bundle.model
-    config = reference_generation_config(bundle.generation_config, temperature=temperature, return_timestamps=False)
+    config = reference_generation_config(
+        bundle.generation_config, temperature=temperature, return_timestamps=timestamps
+    )
     if is_multilingual(bundle):
         # the prompt names the language: without this, generate() runs its own detection call
         config.language = bundle.tokenizer.convert_ids_to_tokens(prompt[1]).strip("<|>")
@@ -117,30 +130,57 @@ def generate_greedy(
     return tokens, counter.calls
 
 
-# Draft slots per call when the caller does not choose: on a CPU a block's cost grows with its
-# size, so a few slots are fastest (measured: see the adapter card); on a GPU a call costs nearly
-# the same for 1 or 17 tokens, so the γ that drafts the most tokens per forward wins: the shipped
-# adapters were trained on γ = 4 blocks and draft best there (tiny.en test-clean 1.89 at γ = 4
-# against 1.46 at γ = 16, base 1.65 against 1.34 before its retraining: see the cards).
-# Not yet timed on a GPU.
-DEFAULT_GAMMA = {"cpu": 3, "cuda": 4}
-
-
-def logits_processor(bundle: WhisperBundle, prompt_length: int):
-    """Whisper's processing of next-token logits, as `generate` applies it without timestamps:
-    suppressed tokens everywhere, begin-suppressed tokens at the first generated position."""
+def logits_processor(bundle: WhisperBundle, prompt_length: int, *, timestamps: bool = False):
+    """Whisper's processing of next-token logits, in `generate`'s order: begin-suppressed tokens
+    at the first generated position, suppressed tokens everywhere, then (`timestamps`) the
+    timestamp rules. The rules depend on the tokens generated before each position, so they are
+    computed from each position's own prefix (in a block: the drafts before it, DESIGN §1.5);
+    the same function serves the control and the predictive stream."""
     config = bundle.generation_config
     device = bundle.model.device
     suppress = torch.tensor(list(config.suppress_tokens or []), dtype=torch.long, device=device)
     begin = torch.tensor(list(config.begin_suppress_tokens or []), dtype=torch.long, device=device)
+    no_timestamps = config.no_timestamps_token_id
+    timestamp_begin = no_timestamps + 1
+    eot = special_id(bundle, "<|endoftext|>")
+    max_initial = getattr(config, "max_initial_timestamp_index", None)
+    inf = float("inf")
 
-    def process(logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-        if suppress.numel():
-            logits[..., suppress] = -float("inf")
+    def timestamp_rules(logits: torch.Tensor, token_index: torch.Tensor, tokens: torch.Tensor) -> None:
+        logits[..., no_timestamps] = -inf  # timestamp mode: never <|notimestamps|>
+        sequence = tokens.tolist()
+        for k, index in enumerate(token_index.tolist()):
+            generated = sequence[prompt_length:index]
+            last_was_timestamp = len(generated) >= 1 and generated[-1] >= timestamp_begin
+            penultimate_was_timestamp = len(generated) < 2 or generated[-2] >= timestamp_begin
+            if last_was_timestamp:  # timestamps come in pairs (except right before end-of-text)
+                if penultimate_was_timestamp:
+                    logits[:, k, timestamp_begin:] = -inf  # a pair just closed: text (or end) next
+                else:
+                    logits[:, k, :eot] = -inf  # a segment just ended: its pair's timestamp next
+            stamps = [token for token in generated if token >= timestamp_begin]
+            if stamps:  # timestamps never decrease (a closing one may repeat its opening one)
+                last = stamps[-1] if last_was_timestamp and not penultimate_was_timestamp else stamps[-1] + 1
+                logits[:, k, timestamp_begin:last] = -inf
+            if index == prompt_length:  # the first token is a timestamp, at most max_initial in
+                logits[:, k, :timestamp_begin] = -inf
+                if max_initial is not None:
+                    logits[:, k, timestamp_begin + max_initial + 1 :] = -inf
+        # a timestamp wherever the timestamps' total probability beats every text token
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        timestamp_logprob = logprobs[..., timestamp_begin:].logsumexp(dim=-1)
+        text_logprob = logprobs[..., :timestamp_begin].max(dim=-1).values
+        logits[..., :timestamp_begin].masked_fill_((timestamp_logprob > text_logprob).unsqueeze(-1), -inf)
+
+    def process(logits: torch.Tensor, token_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if begin.numel():
             first = (token_index == prompt_length).nonzero().flatten()
             if first.numel():
-                logits[:, first.unsqueeze(-1), begin] = -float("inf")
+                logits[:, first.unsqueeze(-1), begin] = -inf
+        if suppress.numel():
+            logits[..., suppress] = -inf
+        if timestamps:
+            timestamp_rules(logits, token_index, tokens)
         return logits
 
     return process
@@ -153,19 +193,30 @@ def dual_streams(
     *,
     adapted: Optional[AdaptedModel],
     drafting: bool,
+    timestamps: bool = False,
+    observe_index: Optional[int] = None,
 ) -> HFDualStream:
-    """Both streams of the decoder over one window (the base model's alone without an adapter)."""
+    """Both streams of the decoder over one window (the base model's alone without an adapter);
+    `timestamps`: Whisper's timestamp rules on; `observe_index`: see `HFDualStream`."""
     whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
     return HFDualStream(
         whisper.model.decoder,
         whisper.proj_out,
         encoder_hidden_states,
-        process_logits=logits_processor(bundle, prompt_length),
+        process_logits=logits_processor(bundle, prompt_length, timestamps=timestamps),
         gate=adapted.gate if adapted is not None else None,
         drafting=drafting,
         max_length=bundle.model.config.max_target_positions,
         placeholder_id=special_id(bundle, "<|endoftext|>"),
+        observe_index=observe_index,
     )
+
+
+@dataclass
+class WindowResult(DecodeResult):
+    # P(<|nospeech|>) from the control stream's unprocessed logits at <|startoftranscript|>, as
+    # Whisper's no-speech rule reads it
+    no_speech_prob: float = 0.0
 
 
 def decode_window(
@@ -176,12 +227,29 @@ def decode_window(
     adapted: Optional[AdaptedModel],
     options: DecodeOptions,
     generator: Optional[torch.Generator] = None,
-) -> DecodeResult:
-    """Our decoding loop on one window: cross-regressive with an adapter (γ ≥ 1), else plain AR."""
+    timestamps: Optional[bool] = None,
+) -> WindowResult:
+    """Our decoding loop on one window: cross-regressive with an adapter (γ ≥ 1), else plain AR.
+
+    timestamps: decode under Whisper's timestamp rules; None → whenever the prompt does not end
+    in <|notimestamps|>."""
     eot = special_id(bundle, "<|endoftext|>")
-    return decode_prompt(
+    if timestamps is None:
+        timestamps = prompt[-1] != special_id(bundle, "<|notimestamps|>")
+    sot = special_id(bundle, "<|startoftranscript|>")
+    observe = prompt.index(sot) if sot in prompt else None
+    made: list[HFDualStream] = []
+
+    def streams(drafting: bool) -> HFDualStream:
+        made.append(dual_streams(
+            bundle, encoder_hidden_states, len(prompt), adapted=adapted, drafting=drafting,
+            timestamps=timestamps, observe_index=observe,
+        ))
+        return made[-1]
+
+    result = decode_prompt(
         prompt,
-        streams=lambda drafting: dual_streams(bundle, encoder_hidden_states, len(prompt), adapted=adapted, drafting=drafting),
+        streams=streams,
         drafting_possible=adapted is not None,
         options=options,
         max_length=bundle.model.config.max_target_positions,
@@ -190,3 +258,8 @@ def decode_window(
         generator=generator,
         device=encoder_hidden_states.device,
     )
+    observed = made[0].observed_logits
+    no_speech = 0.0
+    if observed is not None:
+        no_speech = float(observed.float().softmax(-1)[bundle.generation_config.no_timestamps_token_id - 1])
+    return WindowResult(**vars(result), no_speech_prob=no_speech)
