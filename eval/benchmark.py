@@ -23,7 +23,7 @@ import torch
 
 from crosswhisper.audio import load_audio
 from crosswhisper.decoding import DecodeOptions
-from crosswhisper.dual_stream import HFDualStream, project
+from crosswhisper.dual_stream import HFDualStream, cache_argument, project
 from crosswhisper.lora import load_adapter, new_adapter, save_adapter
 from crosswhisper.whisper import (
     decode_window,
@@ -99,7 +99,7 @@ def call_cost(args) -> dict:
             hidden = model.decoder(
                 input_ids=torch.full((1, 2 * block - 1), filler, device=device),
                 encoder_hidden_states=hidden_states,
-                past_key_values=model._cache,
+                **cache_argument(model.decoder, model._cache),
                 use_cache=True,
             ).last_hidden_state
             return project(hidden, model.lm_head)

@@ -9,13 +9,14 @@ from crosswhisper import transcribe
 from crosswhisper.decoding import DecodeOptions, decode
 from crosswhisper.dual_stream import HFDualStream, StreamGate
 from crosswhisper.metrics import word_error_rate
-from crosswhisper.lora import AdaptedModel, load_adapter, new_adapter, save_adapter, shipped_adapter
+from crosswhisper.lora import load_adapter, new_adapter, save_adapter, shipped_adapter
 from crosswhisper.whisper import decode_window, decoder_prompt, encode, generate_greedy, get_bundle
 
 GAMMAS = (1, 4, 16)
 
 
-@pytest.fixture(scope="module", params=["tiny.en", "base"])
+# base with a random adapter: ~60 s, slow (tiny.en covers the worst drafter; base's trained case is quick)
+@pytest.fixture(scope="module", params=["tiny.en", pytest.param("base", marks=pytest.mark.slow)])
 def whisper_case(request, test_clean, test_clean_audio, tmp_path_factory):
     """A model, a random (untrained, non-zero) adapter loaded the way users load one (saved in
     peft format, then `load_adapter`, fused), and the 7 windows with their greedy reference."""
@@ -230,6 +231,7 @@ def _streams(peft_model, gate, encoder_states, drafting):
     )
 
 
+@pytest.mark.slow  # statistical, ~11 s each
 @pytest.mark.parametrize("blank_branches", [False, True], ids=["plain", "blank-branches"])
 def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_thread, blank_branches):
     peft_model, gate, encoder_states = tiny_random_whisper

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 import torch
 
 from ..decoding import DecodeOptions, DecodeResult
-from ..dual_stream import block_mask, project
+from ..dual_stream import block_mask, cache_argument, project
 from ..lm import LanguageModel
 from ..lora import AdaptedModel, BaseWeights, new_adapter, save_adapter
 from ..whisper import WhisperBundle, decode_window, logits_processor, special_id
@@ -58,7 +58,7 @@ def _teacher_pass(bundle: WhisperBundle, example: Example):
     tokens = example.tokens.unsqueeze(0)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.no_grad():
-        out = decoder(input_ids=tokens, encoder_hidden_states=hidden, past_key_values=cache, use_cache=True)
+        out = decoder(input_ids=tokens, encoder_hidden_states=hidden, **cache_argument(decoder, cache), use_cache=True)
         logits = project(out.last_hidden_state, bundle.model.proj_out)
         index = torch.arange(tokens.shape[1])
         logits = logits_processor(bundle, example.prompt_length)(logits, index + 1, example.tokens)
@@ -86,7 +86,7 @@ def student_logits(
     hidden = whisper.model.decoder(
         input_ids=block,
         encoder_hidden_states=example.encoder_states.to(whisper.dtype).expand(rows, -1, -1),
-        past_key_values=cache,
+        **cache_argument(whisper.model.decoder, cache),
         position_ids=positions,
         attention_mask=block_mask(cuts, L, gamma + 1, whisper.dtype),
         use_cache=True,
@@ -201,7 +201,7 @@ class LMTask:
         with torch.no_grad():
             hidden = model.get_decoder()(
                 input_ids=example.tokens.unsqueeze(0).to(model.device),
-                past_key_values=DynamicCache(config=model.config),
+                **cache_argument(model.get_decoder(), DynamicCache(config=model.config)),
                 use_cache=True,
             )
             teacher = project(hidden.last_hidden_state, model.get_output_embeddings()).softmax(-1)[0]
@@ -214,7 +214,7 @@ class LMTask:
         adapted.gate.gate = None  # adapter on in every row: all rows are predictive
         hidden = causal_lm.get_decoder()(
             input_ids=block,
-            past_key_values=_repeat_cache(cache, rows),
+            **cache_argument(causal_lm.get_decoder(), _repeat_cache(cache, rows)),
             position_ids=cuts.view(-1, 1) + torch.arange(gamma + 1).view(1, -1),
             attention_mask=block_mask(cuts, example.tokens.shape[0], gamma + 1, causal_lm.dtype),
             use_cache=True,
