@@ -74,7 +74,7 @@ def find_librispeech(directory: Path) -> list[tuple[str, Path, Optional[str]]]:
     """(utterance id, audio path, transcript or None) for a LibriSpeech tree, sorted by id.
 
     The canonical layout is SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt beside
-    SPEAKER-CHAPTER-NNNN.<ext>; the audio may be in any format soundfile/librosa read (flac,
+    SPEAKER-CHAPTER-NNNN.<ext>; the audio may be in any format crosswhisper.load_audio reads (flac,
     opus, wav, ...). `directory` may be one subset (test-clean) or a folder holding several.
     Audio without a transcript line is kept (reference None); a transcript line without audio
     is reported and skipped.

@@ -228,7 +228,7 @@ def build_systems(args, bundle: WhisperBundle, adapted: Optional[AdaptedModel]) 
         try:
             import faster_whisper  # noqa: F401
         except ImportError:
-            logger.warning("faster-whisper is not installed: its systems are skipped (pip install faster-whisper)")
+            logger.warning("faster-whisper is not installed: its systems are skipped (pip install -e \".[eval]\")")
         else:
             ct2_dir = faster_whisper_dir(args.model)
             if ct2_dir is None:

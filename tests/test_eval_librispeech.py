@@ -15,7 +15,8 @@ import soundfile as sf
 import crosswhisper
 from crosswhisper import transcribe
 from crosswhisper.metrics import word_error_rate
-from crosswhisper.whisper import default_gamma, get_bundle
+from crosswhisper.engine import default_gamma
+from crosswhisper.whisper import DEFAULT_GAMMA, get_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_ADAPTER = Path(crosswhisper.__file__).resolve().parent / "adapters" / "tiny.en"
@@ -81,7 +82,7 @@ def test_results_json_has_every_field(full_run, shipped_adapter, test_clean, cap
     assert report["weights_sha256"] == get_bundle("tiny.en").weights_sha256 is not None
     assert Path(report["adapter"]) == shipped_adapter
     settings = report["settings"]
-    assert settings["gamma"] == default_gamma("cpu")  # transcribe()'s default on this device
+    assert settings["gamma"] == default_gamma(DEFAULT_GAMMA, "cpu")  # transcribe()'s default on this device
     assert settings["lossy"] == [[0.0, -4.0]]
     assert settings["utterances"] == 2 and settings["data"]["kind"] == "local"
     ids = [u for u, _, _ in test_clean[:2]]
