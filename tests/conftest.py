@@ -8,7 +8,7 @@ import torch
 DATA = Path(__file__).resolve().parent / "data"
 TEST_CLEAN = DATA / "LibriSpeech" / "test-clean"
 LONGFORM = DATA / "longform" / "1088-134318"  # .flac + .txt: 103 s of one LibriSpeech chapter
-LANGUAGES = ("de", "fr", "es")  # tests/data/languages/<lang>.flac, espeak-ng speech
+LANGUAGES = ("de", "es", "it")  # tests/data/languages/<lang>.flac, espeak-ng speech
 # The larger data beside the repository (../shared/data), for training and larger evaluations.
 # A test that needs it must be marked slow and skip when it is absent (shared_data fixture).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -102,7 +102,9 @@ def chi_square_pvalue(counts: dict, probs: dict, n: int) -> float:
 
 @pytest.mark.parametrize(
     "gamma,temperature,refill",
-    [(1, 1.0, "fresh"), (3, 1.0, "fresh"), (3, 1.0, "carry"), (2, 0.7, "carry")],
+    # statistical, ~5 s each: one case in the quick run, the others slow
+    [pytest.param(1, 1.0, "fresh", marks=pytest.mark.slow), (3, 1.0, "fresh"),
+     pytest.param(3, 1.0, "carry", marks=pytest.mark.slow), pytest.param(2, 0.7, "carry", marks=pytest.mark.slow)],
 )
 def test_lossless_sampling_reproduces_the_control_distribution(gamma, temperature, refill):
     model = MarkovStreams(seed=gamma)

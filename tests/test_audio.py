@@ -16,8 +16,6 @@ from crosswhisper.audio import SAMPLE_RATE, AudioError, load_audio
 
 DATA = Path(__file__).parent / "data"
 TEST_CLEAN = DATA / "LibriSpeech" / "test-clean"
-# until the copy in tests/data exists: ../shared/data beside the repository
-SHARED_TEST_CLEAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LibriSpeech" / "test-clean"
 MEDIA = DATA / "media"
 WAV = MEDIA / "speech.wav"
 ENCODED = ["speech.m4a", "speech.mp4", "speech.webm"]
@@ -25,9 +23,8 @@ ENCODED = ["speech.m4a", "speech.mp4", "speech.webm"]
 
 def test_16k_mono_flac_is_bit_identical_to_soundfile():
     # the repository promises unchanged transcripts: the 16 kHz path must not touch the samples
-    folder = TEST_CLEAN if TEST_CLEAN.is_dir() else SHARED_TEST_CLEAN
-    flacs = sorted(folder.glob("*/*/*.flac"))
-    assert len(flacs) == 7, folder
+    flacs = sorted(TEST_CLEAN.glob("*/*/*.flac"))
+    assert len(flacs) == 7, TEST_CLEAN
     for flac in flacs:
         expected, rate = sf.read(flac, dtype="float32")
         assert rate == SAMPLE_RATE and expected.ndim == 1

@@ -76,7 +76,8 @@ def _decode_all(case, **options):
     return tokens / calls, mismatches
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
+# γ = 4 (the training block size) in the quick run, the others slow
+@pytest.mark.parametrize("gamma", [g if g == 4 else pytest.param(g, marks=pytest.mark.slow) for g in GAMMAS])
 def test_trained_adapter_is_lossless_and_drafts(trained_case, gamma):
     tokens_per_forward, mismatches = _decode_all(trained_case, gamma=gamma)
     assert mismatches == 0, f"γ={gamma}: {mismatches} of 7 utterances differ from greedy"

@@ -52,7 +52,7 @@ def test_bundled_model_loads_offline_with_its_chat_template(smollm):
     assert smollm.tokenizer.convert_ids_to_tokens(list(smollm.eos_token_ids)) == ["<|im_end|>"]
 
 
-@pytest.mark.parametrize("gamma", [0, 1, 4])
+@pytest.mark.parametrize("gamma", [0, pytest.param(1, marks=pytest.mark.slow), 4])  # γ = 1: ~12 s, slow
 def test_random_adapter_greedy_is_token_identical_to_generate(smollm, references, gamma):
     adapted = new_adapter(smollm, rank=8, random_init=True, seed=1)  # the worst drafter
     for prompt, reference in zip(PROMPTS, references):
@@ -70,6 +70,7 @@ def test_shipped_adapter_greedy_is_token_identical_and_drafts(smollm, references
         assert out.stats.forward_calls <= len(reference)
 
 
+@pytest.mark.slow  # held-out figure, ~190 s
 def test_shipped_adapter_drafts_on_held_out_prompts(smollm):
     """Issue #6: > 1.5 tokens per forward on the held-out prompts (other books than the training
     prompts), recorded beside the adapter: all 24, at most 128 new tokens, lossless γ = 3.
@@ -147,6 +148,7 @@ def toy_llama():
     return toy, new_adapter(toy, rank=4, random_init=True, seed=0)
 
 
+@pytest.mark.slow  # statistical, ~10 s
 def test_sampling_lossless_matches_ancestral_sampling(toy_llama, one_thread):
     toy, adapted = toy_llama
     with torch.no_grad():

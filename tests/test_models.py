@@ -173,7 +173,8 @@ def test_encoder_matches_ctranslate2(bundles, utterances, name):
     assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
 
 
-@pytest.mark.parametrize("name", BUNDLED_MODELS)
+# base: ~20 s, slow (its conversion is also checked by test_encoder_matches_ctranslate2 and its WER)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "base" else n for n in BUNDLED_MODELS])
 def test_greedy_transcripts_equal_faster_whisper(bundles, utterances, name):
     faster_whisper = pytest.importorskip("faster_whisper")
     bundle = bundles[name]

@@ -10,7 +10,8 @@ from crosswhisper.lora import load_adapter, new_adapter, save_adapter, shipped_a
 from crosswhisper.whisper import decode_window, decoder_prompt, encode, generate_greedy, get_bundle, logits_processor
 
 
-@pytest.fixture(scope="module", params=["tiny.en", "base"])
+# base: ~60 s in all, slow (tiny.en exercises the same timestamp rules in the quick run)
+@pytest.fixture(scope="module", params=["tiny.en", pytest.param("base", marks=pytest.mark.slow)])
 def windows(request, test_clean, test_clean_audio):
     """A model, its encoder states and timestamp-mode prompt per test-clean utterance, and the
     reference: transformers' generate with timestamps."""

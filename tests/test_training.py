@@ -3,21 +3,19 @@
 import pytest
 import torch
 
-from crosswhisper.dual_stream import HFDualStream
+from crosswhisper.dual_stream import HFDualStream, block_mask
 from crosswhisper.training import (
     ReplayBuffer,
     TrainingConfig,
     WhisperTask,
-    _teacher_pass,
-    _warm_start,
-    block_mask,
     distillation_step,
     prepare_examples,
     reused_slots,
-    student_logits,
     suffix_weights,
     train,
 )
+from crosswhisper.training.loop import _warm_start
+from crosswhisper.training.tasks import _teacher_pass, student_logits
 from crosswhisper.lora import new_adapter, save_adapter
 from crosswhisper.whisper import get_bundle, logits_processor, special_id
 

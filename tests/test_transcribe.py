@@ -45,7 +45,7 @@ def test_array_input_equals_file_input(test_clean, test_clean_audio):
     assert transcribe(test_clean_audio[utt]).tokens == transcribe(path).tokens
 
 
-@pytest.mark.parametrize("lang", ["en", "de", "fr", "es"])
+@pytest.mark.parametrize("lang", ["en", "de", "es", "it"])
 def test_base_detects_the_language(lang, test_clean, language_clips):
     # English: a LibriSpeech utterance; the others: espeak-ng sentences (tests/data/languages)
     path = test_clean[2][1] if lang == "en" else language_clips[lang]
