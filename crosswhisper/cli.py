@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from .decoding import DecodeOptions
+from .audio import SAMPLE_RATE, load_audio
 from .engine import default_gamma
 from .lora import resolve_adapter
 from .whisper.transcribe import TranscribeOptions, get_bundle, option_fields, transcribe
@@ -22,16 +24,34 @@ from .writers import OUTPUT_FORMATS, get_writer
 
 logger = logging.getLogger("crosswhisper")
 
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}% | {n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]"
+
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `TranscribeOptions` field: --gamma, --beta, --blank-branches, ..."""
+    """One flag per `TranscribeOptions` field: --gamma, --beta, --condition-on-previous-text, ..."""
     for option in option_fields():
         flag = "--" + option.name.replace("_", "-")
-        if option.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=option.metadata["help"])
-            continue
-        kind = {"Optional[int]": int, "int": int, "float": float}.get(str(option.type), str)
-        parser.add_argument(flag, type=kind, default=option.default, help=option.metadata["help"])
+        help_text = option.metadata["help"]
+        if option.name == "temperature":  # openai-whisper's pair of flags make the sequence
+            parser.add_argument(flag, type=float, default=0.0, help=help_text)
+            parser.add_argument(
+                "--temperature-increment-on-fallback", type=float, default=0.2,
+                help="temperature step of the fallback up to 1.0; 0 = no fallback (default: 0.2)",
+            )
+        elif str(option.type) in ("bool", "<class 'bool'>"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default, help=help_text)
+        else:
+            kind = {"Optional[int]": int, "int": int, "float": float, "Optional[float]": float}.get(str(option.type), str)
+            parser.add_argument(
+                flag, type=kind, default=option.default, help=help_text, choices=option.metadata.get("choices")
+            )
+
+
+def _options_from(args: argparse.Namespace) -> TranscribeOptions:
+    values = {option.name: getattr(args, option.name) for option in option_fields()}
+    start, step = args.temperature, args.temperature_increment_on_fallback
+    values["temperature"] = (start,) if not step else tuple(np.arange(start, 1.0 + 1e-6, step).round(4))
+    return TranscribeOptions(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", "-o", type=Path, default=Path("."), help="where to write (default: .)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log debugging details")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debugging details and library warnings")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
 
@@ -73,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_output(verbose=args.verbose)
     adapter = None if args.no_adapter else args.adapter
     try:  # refuse bad values before loading anything
-        options = TranscribeOptions(**{option.name: getattr(args, option.name) for option in option_fields()})
+        options = _options_from(args)
         options.decode_options(args.device)
     except (ValueError, RuntimeError) as error:  # RuntimeError: torch does not know --device
         parser.error(str(error))
@@ -98,7 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in tqdm(args.files, desc="transcribing", unit="file", disable=len(args.files) < 2):
         path = Path(name)
         try:
-            result = transcribe(path, model=bundle, adapter=adapter, device=args.device, options=options)
+            waveform = load_audio(path)
+            seconds = len(waveform) / SAMPLE_RATE
+            # a bar in audio seconds for files longer than one window (our own progress, on stderr)
+            with tqdm(total=round(seconds, 1), unit="s", desc=path.name, leave=False,
+                      disable=args.quiet or seconds <= 30, bar_format=PROGRESS_FORMAT) as bar:
+                result = transcribe(
+                    waveform, model=bundle, adapter=adapter, device=args.device, options=options,
+                    progress=lambda done, bar=bar: bar.update(round(done - bar.n, 1)),
+                )
             write(result, path)
         except (OSError, ValueError) as error:
             # one bad file must not cost the others their transcripts: report it and go on

@@ -58,17 +58,23 @@ class StatsCounter:
 
 @dataclass(frozen=True)
 class Segment:
-    start: float  # seconds from the start of the audio (the 30 s window's start)
-    end: float  # seconds; the window's end, clipped to the audio's duration
-    text: str  # decoded text of this window, stripped
-    tokens: tuple[int, ...]  # generated token ids of this window (no prompt, no end-of-text)
+    start: float  # seconds from the start of the audio (its opening timestamp)
+    end: float  # seconds (its closing timestamp; a window's end without timestamps)
+    text: str  # the segment's text, stripped
+    tokens: tuple[int, ...]  # its token ids, timestamp tokens included (no prompt, no end-of-text)
+    avg_logprob: float = 0.0  # average log-probability of the window decode it came from
+    compression_ratio: float = 0.0  # of that window's tokens (too repetitive above the threshold)
+    no_speech_prob: float = 0.0  # P(<|nospeech|>) of that window
+    temperature: float = 0.0  # the temperature that window was finally decoded at
 
 
 @dataclass(frozen=True)
 class Transcription:
     text: str  # the whole transcript
-    tokens: tuple[int, ...]  # generated ids of all windows, in order (no prompts, no end-of-text)
-    language: str  # language code, e.g. "en" (detected for multilingual models unless given)
-    segments: tuple[Segment, ...]  # one per 30 s window that held speech
+    tokens: tuple[int, ...]  # every segment's tokens, in order (timestamps included, no prompts)
+    language: str  # language code, e.g. "en" (detected once for multilingual models unless given)
+    segments: tuple[Segment, ...]  # cut at timestamp pairs (one per window without timestamps)
     duration: float  # audio length in seconds
-    stats: DecodingStats = field(repr=False)  # counters and timings over all windows
+    stats: DecodingStats = field(repr=False)  # counters and timings over every decode attempt
+    windows: int = 0  # 30 s windows decoded (fallback re-decodes not counted)
+    skipped: int = 0  # windows skipped as silence by the no-speech rule
