@@ -2,9 +2,13 @@
 
     python recipes/train_whisper_adapter.py --model tiny.en
     python recipes/train_whisper_adapter.py --model base
+    python recipes/train_whisper_adapter.py --model tiny.en --long-form --init-adapter crosswhisper/adapters/tiny.en
 
 Data: ../shared/data/LibriSpeech/train-clean-5 (audio only: the targets are the base model's
 own greedy transcripts). Speakers in --dev-speakers are held out as the development split.
+With --long-form the examples are the windows Whisper's sequential long-form loop decodes
+(timestamp tokens, previous-text prompts) over chapters joined into long files: each chapter's
+utterances in order with 0.5 s of silence between them, capped at --chapter-seconds.
 Encoder outputs and transcripts are cached in --work-dir; training checkpoints there too and
 resumes after an interruption. The adapter (peft format) and its card go to --output.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from crosswhisper.training import TrainingConfig, WhisperTask, add_draft_arguments, draft_options, prepare_examples, train
+from crosswhisper.training.data import prepare_long_form_examples
 from crosswhisper.whisper import LORA, get_bundle
 from crosswhisper.whisper.cache import cache_dir
 
@@ -35,6 +40,52 @@ DEV_SPEAKERS = ("1088", "3526")  # held out: 81 + 55 utterances
 def audio_files(subset: Path, speakers=None, exclude=()) -> list[Path]:
     files = sorted(p for p in subset.rglob("*") if p.suffix in (".flac", ".opus", ".ogg", ".wav"))
     return [p for p in files if (speakers is None or p.parts[-3] in speakers) and p.parts[-3] not in exclude]
+
+
+GAP_SECONDS = 0.5  # silence between joined utterances (as tests/data/longform/make_longform.py)
+
+
+def join_chapter(chapter: Path, max_seconds: float, out_dir: Path) -> tuple[Path, float]:
+    """A chapter's utterances in order, 0.5 s of silence between them, until the next one would
+    pass max_seconds: written once as 16 kHz FLAC in out_dir; (path, seconds)."""
+    import numpy as np
+    import soundfile as sf
+
+    from crosswhisper.audio import SAMPLE_RATE, load_audio
+
+    out = out_dir / f"{chapter.parent.name}-{chapter.name}-{int(max_seconds)}s.flac"
+    if out.exists():
+        return out, sf.info(out).duration
+    gap = np.zeros(int(GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+    pieces, length = [], 0
+    for path in audio_files(chapter.parent.parent, speakers={chapter.parent.name}):
+        if path.parent != chapter:
+            continue
+        audio = load_audio(path)
+        extra = len(audio) + (len(gap) if pieces else 0)
+        if pieces and (length + extra) / SAMPLE_RATE > max_seconds:
+            break
+        pieces += [gap, audio] if pieces else [audio]
+        length += extra
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sf.write(out, np.concatenate(pieces), SAMPLE_RATE, subtype="PCM_16")
+    return out, length / SAMPLE_RATE
+
+
+def joined_chapters(subset: Path, speakers, exclude, max_seconds: float, total_minutes, out_dir: Path, rng) -> tuple[list[Path], float]:
+    """Chapters (shuffled by rng) joined into long files until total_minutes (None: all)."""
+    chapters = sorted(
+        c for c in subset.glob("*/*") if c.is_dir() and (speakers is None or c.parent.name in speakers) and c.parent.name not in exclude
+    )
+    rng.shuffle(chapters)
+    files, seconds = [], 0.0
+    for chapter in chapters:
+        if total_minutes is not None and seconds >= 60 * total_minutes:
+            break
+        path, length = join_chapter(chapter, max_seconds, out_dir)
+        files.append(path)
+        seconds += length
+    return sorted(files), seconds
 
 
 def human_transcripts(subset: Path) -> dict[str, str]:
@@ -65,6 +116,10 @@ def main(argv=None) -> int:
         "--replay-truth", type=float, default=TrainingConfig.replay_truth, help="true tokens in the initial replay buffer"
     )
     add_draft_arguments(parser)
+    parser.add_argument("--long-form", action="store_true", help="train and evaluate on long-form windows of joined chapters")
+    parser.add_argument("--chapter-seconds", type=float, default=300.0, help="--long-form: cap of a joined training chapter")
+    parser.add_argument("--dev-chapter-seconds", type=float, default=200.0, help="--long-form: cap of a joined dev chapter")
+    parser.add_argument("--train-minutes", type=float, default=50.0, help="--long-form: joined training audio")
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same modules; its rank ≤ --rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
@@ -78,17 +133,34 @@ def main(argv=None) -> int:
     work = args.work_dir or cache_dir() / "training" / args.model
     output = args.output or ROOT / "crosswhisper" / "adapters" / args.model
     rng = random.Random(args.seed)
-    train_files = audio_files(args.train_data, exclude=set(args.dev_speakers))
-    rng.shuffle(train_files)
-    train_files = sorted(train_files[: args.train_utterances])
-    dev_files = audio_files(args.train_data, speakers=set(args.dev_speakers))
-    rng.shuffle(dev_files)
-    dev_files = sorted(dev_files[: args.dev_utterances])
-    test_files = audio_files(args.test_data)
-
     t0 = time.perf_counter()
-    train_examples = prepare_examples(bundle, train_files, cache_file=work / f"train-{len(train_files)}.pt")
-    dev_examples = prepare_examples(bundle, dev_files, cache_file=work / f"dev-{len(dev_files)}.pt")
+    if args.long_form:
+        joined = work / "longform"
+        train_files, train_seconds_audio = joined_chapters(
+            args.train_data, None, set(args.dev_speakers), args.chapter_seconds, args.train_minutes, joined, rng
+        )
+        dev_files, dev_seconds_audio = joined_chapters(
+            args.train_data, set(args.dev_speakers), (), args.dev_chapter_seconds, None, joined, rng
+        )
+        stem = f"{len(train_files)}x{int(args.chapter_seconds)}s-{int(args.train_minutes)}min"
+        train_examples = prepare_long_form_examples(bundle, train_files, cache_file=work / f"train-longform-{stem}.pt")
+        dev_examples = prepare_long_form_examples(
+            bundle, dev_files, cache_file=work / f"dev-longform-{len(dev_files)}x{int(args.dev_chapter_seconds)}s.pt"
+        )
+        logging.info(
+            "long-form: train %d files, %.1f min, %d windows; dev %d files, %.1f min, %d windows",
+            len(train_files), train_seconds_audio / 60, len(train_examples), len(dev_files), dev_seconds_audio / 60, len(dev_examples),
+        )
+    else:
+        train_files = audio_files(args.train_data, exclude=set(args.dev_speakers))
+        rng.shuffle(train_files)
+        train_files = sorted(train_files[: args.train_utterances])
+        dev_files = audio_files(args.train_data, speakers=set(args.dev_speakers))
+        rng.shuffle(dev_files)
+        dev_files = sorted(dev_files[: args.dev_utterances])
+        train_examples = prepare_examples(bundle, train_files, cache_file=work / f"train-{len(train_files)}.pt")
+        dev_examples = prepare_examples(bundle, dev_files, cache_file=work / f"dev-{len(dev_files)}.pt")
+    test_files = audio_files(args.test_data)
     test_examples = prepare_examples(bundle, test_files, cache_file=work / "test-clean.pt")
     prep_seconds = time.perf_counter() - t0
 
@@ -105,23 +177,35 @@ def main(argv=None) -> int:
     results = {}
     splits = (("dev", dev_examples, args.train_data), ("test-clean", test_examples, args.test_data))
     for split, examples, subset in splits:
-        references = human_transcripts(subset)
+        # long-form windows have no per-window human transcript: no WER there
+        references = None if args.long_form and split == "dev" else human_transcripts(subset)
         results[split] = [task.evaluate(adapted, examples, g, references) for g in args.eval_gammas]
         for r in results[split]:
+            wer = f", WER {100 * r['wer']:.2f} %" if "wer" in r else ""
             logging.info(
-                "%s γ=%d: %.3f tokens/forward, %d mismatches, WER %.2f %%",
-                split, r["gamma"], r["tokens_per_forward"], r["mismatches"], 100 * r["wer"],
+                "%s γ=%d: %.3f tokens/forward, %d mismatches%s", split, r["gamma"], r["tokens_per_forward"], r["mismatches"], wer
             )
+    if args.long_form:
+        data = {
+            "train": f"{args.train_data.name}: {len(train_files)} chapters joined (≤ {args.chapter_seconds:.0f} s each), "
+            f"{train_seconds_audio / 60:.1f} min, {len(train_examples)} long-form windows, speakers except {args.dev_speakers}",
+            "dev": f"{args.train_data.name}: {len(dev_files)} chapters of speakers {args.dev_speakers} joined "
+            f"(≤ {args.dev_chapter_seconds:.0f} s each), {dev_seconds_audio / 60:.1f} min, {len(dev_examples)} long-form windows",
+            "targets": "the windows Whisper's sequential long-form loop decodes (timestamps, previous-text prompts), "
+            "the base model's own greedy tokens (no human transcripts)",
+        }
+    else:
+        data = {
+            "train": f"{args.train_data.name}: {len(train_files)} utterances, speakers except {args.dev_speakers}",
+            "dev": f"{args.train_data.name}: {len(dev_files)} utterances of speakers {args.dev_speakers}",
+            "targets": "the base model's own greedy transcripts (no human transcripts)",
+        }
     card = {
         "base_model": args.model,
         "base_weights_sha256": bundle.weights_sha256,
         "lora": {"rank": args.rank, "alpha": args.rank, "target_modules": LORA.target_modules},
         "training": asdict(config),
-        "data": {
-            "train": f"{args.train_data.name}: {len(train_files)} utterances, speakers except {args.dev_speakers}",
-            "dev": f"{args.train_data.name}: {len(dev_files)} utterances of speakers {args.dev_speakers}",
-            "targets": "the base model's own greedy transcripts (no human transcripts)",
-        },
+        "data": data,
         "wall_seconds": {"prepare": round(prep_seconds), "train": round(train_seconds)},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
         "torch": torch.__version__,

@@ -54,6 +54,47 @@ def prepare_examples(
     return examples
 
 
+def prepare_long_form_examples(
+    bundle: WhisperBundle, audio_files: Sequence[Path], *, cache_file: Optional[Path] = None
+) -> list[Example]:
+    """The windows Whisper's sequential long-form loop decodes (DESIGN §1.5), one example each:
+    the loop (greedy, no temperature fallback) runs over every file with our exact γ=0 decoder,
+    and every window decode it makes is recorded as it ran — encoder states, prompt
+    (<|startofprev|> + previous text + <|startoftranscript|>, timestamp mode) and tokens."""
+    from ..whisper.longform import LongFormOptions, transcribe_long_form
+    from ..whisper.transcribe import DraftingDecoder
+
+    key = {"paths": [str(p) for p in audio_files], "model": bundle.weights_sha256, "kind": "long-form"}
+    if cache_file is not None and cache_file.exists():
+        stored = torch.load(cache_file, weights_only=False)
+        if stored.get("key") == key:
+            return stored["examples"]
+        logger.info("%s is for other audio or weights; recomputing", cache_file)
+    decoder = DraftingDecoder(bundle, None, DecodeOptions(gamma=0, token_logprobs=True, max_new_tokens=448), None)
+    examples = []
+    for path in tqdm(audio_files, desc="teacher long-form windows", unit="file"):
+        windows = []
+
+        def recorder(hidden, prompt, temperature):
+            result = decoder(hidden, prompt, temperature)
+            windows.append((hidden, list(prompt), list(result.tokens)))
+            return result
+
+        transcribe_long_form(load_audio(path), bundle, LongFormOptions(temperature=(0.0,)), decode=recorder)
+        for i, (hidden, prompt, tokens) in enumerate(windows):
+            examples.append(
+                Example(
+                    utterance=f"{Path(path).stem}@{i}",
+                    encoder_states=hidden.to(torch.float16),
+                    tokens=torch.tensor(prompt + tokens),
+                    prompt_length=len(prompt),
+                )
+            )
+    if cache_file is not None:
+        _store(cache_file, {"key": key, "examples": examples})
+    return examples
+
+
 def prepare_lm_examples(
     lm: LanguageModel,
     prompts: dict,

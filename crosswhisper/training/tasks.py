@@ -61,7 +61,10 @@ def _teacher_pass(bundle: WhisperBundle, example: Example):
         out = decoder(input_ids=tokens, encoder_hidden_states=hidden, **cache_argument(decoder, cache), use_cache=True)
         logits = project(out.last_hidden_state, bundle.model.proj_out)
         index = torch.arange(tokens.shape[1])
-        logits = logits_processor(bundle, example.prompt_length)(logits, index + 1, example.tokens)
+        # timestamp rules where inference applies them: prompts not ending in <|notimestamps|>
+        timestamps = int(example.tokens[example.prompt_length - 1]) != bundle.generation_config.no_timestamps_token_id
+        process = logits_processor(bundle, example.prompt_length, timestamps=timestamps)
+        logits = process(logits, index + 1, example.tokens)
         teacher = logits.softmax(-1)[0]  # [L, V]: row t = P(x_{t+1} | x_≤t)
     return teacher, cache
 
@@ -168,7 +171,11 @@ class WhisperTask:
         def decode(ex: Example) -> DecodeResult:
             hidden = ex.encoder_states.to(bundle.model.dtype)
             prompt = ex.tokens[: ex.prompt_length].tolist()
-            return decode_window(bundle, hidden, prompt, adapted=adapted, options=DecodeOptions(gamma=gamma))
+            # long-form windows (timestamp mode) were decoded up to the decoder's whole context
+            long_form = prompt[-1] != bundle.generation_config.no_timestamps_token_id
+            limit = bundle.model.config.max_target_positions if long_form else DecodeOptions.max_new_tokens
+            options = DecodeOptions(gamma=gamma, max_new_tokens=limit)
+            return decode_window(bundle, hidden, prompt, adapted=adapted, options=options)
 
         def text(tokens: list[int]) -> str:
             return bundle.tokenizer.decode([t for t in tokens if t < eot]).strip()

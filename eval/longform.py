@@ -1,0 +1,180 @@
+"""Long-form evaluation (issue #17): each chapter's utterances joined in order (0.5 s pauses) into
+one long file, transcribed by every system in one process, side by side:
+
+    transformers   `generate(return_timestamps=True)` over the whole file: the sequential
+                   long-form reference (the exactness reference; its WER is the target)
+    own loop       `crosswhisper.transcribe(gamma=0)`: our loop without drafts
+    crosswhisper   `crosswhisper.transcribe()`: the shipped adapter, lossless
+    faster-whisper float32 / int8, the same CTranslate2 weights, greedy (`beam_size=1`), its own
+                   long-form algorithm and defaults otherwise
+
+All with temperature fallback as each system's default (0.0, 0.2, … 1.0), condition on previous
+text on. Reported per system: WER (Whisper's English normaliser + jiwer), RTFx (audio seconds /
+wall seconds, end to end after loading), tokens per decoder forward, and token mismatches
+against the transformers reference. Systems run interleaved file by file after a warm-up, so
+the ratios come from one process on the same machine state.
+
+    python eval/longform.py --model tiny.en --data ../shared/data/LibriSpeech/train-clean-5 \
+        --speakers 1088 3526 --max-minutes 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import DEFAULT_DATA, EvalError, find_librispeech, machine_info
+
+import crosswhisper
+from crosswhisper.audio import SAMPLE_RATE, load_audio
+from crosswhisper.metrics import word_error_rate
+from crosswhisper.whisper import bundled_model_dir, get_bundle
+
+GAP_SECONDS = 0.5  # silence between joined utterances
+
+
+def joined_chapters(data: Path, speakers, max_seconds: float) -> list[tuple[str, np.ndarray, str]]:
+    """(speaker-chapter, audio, reference) per chapter, utterances in order, until max_seconds in all."""
+    chapters: dict[str, list] = {}
+    for utterance, path, text in find_librispeech(data):
+        speaker, chapter, _ = utterance.split("-")
+        if speakers and speaker not in speakers:
+            continue
+        chapters.setdefault(f"{speaker}-{chapter}", []).append((utterance, path, text))
+    files, total = [], 0.0
+    gap = np.zeros(int(GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+    for name in sorted(chapters):
+        pieces, texts = [], []
+        for _, path, text in sorted(chapters[name]):
+            pieces += [load_audio(path), gap]
+            texts.append(text)
+        audio = np.concatenate(pieces[:-1])
+        files.append((name, audio, " ".join(texts)))
+        total += len(audio) / SAMPLE_RATE
+        if total >= max_seconds:
+            break
+    return files
+
+
+def transformers_long_form(bundle, audio: np.ndarray, temperatures) -> tuple[str, list[int], int]:
+    """transformers' sequential long-form generate with its defaults as openai-whisper's."""
+    features = bundle.feature_extractor(
+        audio, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest", return_attention_mask=True,
+        return_tensors="pt",
+    )
+    calls = 0
+
+    def count(*_):
+        nonlocal calls
+        calls += 1
+
+    handle = bundle.model.get_decoder().register_forward_pre_hook(count)
+    try:
+        with torch.inference_mode():
+            out = bundle.model.generate(
+                features.input_features, attention_mask=features.attention_mask, return_timestamps=True,
+                return_segments=True, condition_on_prev_tokens=True, temperature=temperatures,
+                compression_ratio_threshold=2.4, logprob_threshold=-1.0, no_speech_threshold=0.6,
+            )
+    finally:
+        handle.remove()
+    tokens = out["sequences"][0].tolist()
+    eot = bundle.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = bundle.tokenizer.decode([t for t in tokens if t < eot]).strip()
+    return text, tokens, calls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA.parent / "train-clean-5")
+    parser.add_argument("--speakers", nargs="*", default=["1088", "3526"], help="held out by the shipped adapters")
+    parser.add_argument("--max-minutes", type=float, default=20.0)
+    parser.add_argument("--compute-types", nargs="*", default=["float32", "int8"], help="faster-whisper rows")
+    parser.add_argument("--output", type=Path, default=Path("results/longform.json"))
+    parser.add_argument(
+        "--fallback", action=argparse.BooleanOptionalAction, default=True,
+        help="temperature fallback 0.0, 0.2, … 1.0 (default); --no-fallback: greedy only, where lossless "
+        "decoding must match the reference token for token",
+    )
+    args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data}: not found (pass --data, a LibriSpeech subset)")
+    files = joined_chapters(args.data, set(args.speakers), args.max_minutes * 60)
+    if not files:
+        raise EvalError(f"no chapters of speakers {args.speakers} under {args.data}")
+    audio_seconds = sum(len(a) for _, a, _ in files) / SAMPLE_RATE
+    print(f"{len(files)} files, {audio_seconds / 60:.1f} min of audio")
+    bundle = get_bundle(args.model)
+    temperatures = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if args.fallback else (0.0,)
+
+    from faster_whisper import WhisperModel
+
+    ct2 = {ct: WhisperModel(str(bundled_model_dir(args.model)), device="cpu", compute_type=ct, cpu_threads=torch.get_num_threads())
+           for ct in args.compute_types}
+
+    def ours(**kwargs):
+        def run(audio):
+            result = crosswhisper.transcribe(audio, model=bundle, temperature=temperatures, seed=0, **kwargs)
+            return result.text, list(result.tokens), result.stats.forward_calls, result.stats.generated_tokens
+        return run
+
+    def transformers_run(audio):
+        text, tokens, calls = transformers_long_form(bundle, audio, temperatures)
+        return text, tokens, calls, None
+
+    def faster_whisper(model):
+        def run(audio):
+            segments, _ = model.transcribe(
+                audio, beam_size=1, temperature=list(temperatures), language="en" if args.model.endswith(".en") else None
+            )
+            return " ".join(s.text.strip() for s in segments), None, None, None
+        return run
+
+    systems = {"transformers long-form generate": transformers_run, "crosswhisper own loop (gamma=0)": ours(gamma=0),
+               "crosswhisper lossless (shipped adapter)": ours()}
+    systems.update({f"faster-whisper {ct}": faster_whisper(m) for ct, m in ct2.items()})
+    warm = files[0][1][: 35 * SAMPLE_RATE]
+    for run in systems.values():  # warm-up: first calls allocate, time kernels, load adapters
+        run(warm)
+
+    rows = {name: {"seconds": 0.0, "texts": [], "tokens": [], "calls": 0, "generated": 0} for name in systems}
+    for name_file, audio, _ in files:
+        for name, run in systems.items():  # interleaved, file by file
+            started = time.perf_counter()
+            text, tokens, calls, generated = run(audio)
+            row = rows[name]
+            row["seconds"] += time.perf_counter() - started
+            row["texts"].append(text)
+            row["tokens"].append(tokens)
+            row["calls"] += calls or 0
+            row["generated"] += generated or 0
+        print(f"{name_file}: done")
+
+    references = [reference for _, _, reference in files]
+    reference_tokens = rows["transformers long-form generate"]["tokens"]
+    report = {"model": args.model, "fallback": args.fallback, "files": [n for n, _, _ in files], "audio_seconds": audio_seconds,
+              "machine": machine_info("cpu"), "systems": {}}
+    print("\n| system | WER % | RTFx | tokens / forward | mismatched files vs transformers |\n|---|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        wer = word_error_rate(references, row["texts"])
+        mismatched = None
+        if row["tokens"][0] is not None and name != "transformers long-form generate":
+            # transformers' sequences hold the tokens of every segment: compare those
+            mismatched = sum(a != b for a, b in zip(row["tokens"], reference_tokens))
+        per_forward = row["generated"] / row["calls"] if row["generated"] else None
+        report["systems"][name] = {"wer": wer, "rtfx": audio_seconds / row["seconds"], "seconds": row["seconds"],
+                                   "tokens_per_forward": per_forward, "mismatched_files": mismatched}
+        print(f"| {name} | {100 * wer:.2f} | {audio_seconds / row['seconds']:.1f} | "
+              f"{'' if per_forward is None else f'{per_forward:.2f}'} | {'' if mismatched is None else mismatched} |")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
