@@ -20,7 +20,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .engine import default_gamma
 from .lora import resolve_adapter
 from .whisper.transcribe import TranscribeOptions, get_bundle, option_fields, transcribe
-from .writers import OUTPUT_FORMATS, get_writer
+from .writers import OUTPUT_FORMATS, format_timestamp, get_writer
 
 logger = logging.getLogger("crosswhisper")
 
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", "-o", type=Path, default=Path("."), help="where to write (default: .)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log debugging details and library warnings")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print segments as they are decoded; log debugging details and library warnings")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -127,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 result = transcribe(
                     waveform, model=bundle, adapter=adapter, device=args.device, options=options,
                     progress=lambda done, bar=bar: bar.update(round(done - bar.n, 1)),
+                    on_segment=_print_segment if args.verbose else None,
                 )
             write(result, path)
         except (OSError, ValueError) as error:
@@ -139,6 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("%d of %d file(s) failed", failures, len(args.files))
         return 1
     return 0
+
+
+def _print_segment(segment) -> None:
+    """--verbose: every segment as it is decoded, as openai-whisper prints them."""
+    tqdm.write(f"[{format_timestamp(segment.start)} --> {format_timestamp(segment.end)}] {segment.text}")
 
 
 def configure_output(*, verbose: bool) -> None:

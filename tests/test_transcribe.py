@@ -73,7 +73,9 @@ def test_silence_gives_empty_text():
 def test_long_audio_is_transcribed_segment_by_segment(test_clean_audio, test_clean):
     """49.4 s: Whisper's long-form algorithm cuts segments at timestamps, not at 30 s."""
     audio = np.concatenate([test_clean_audio[u] for u, _, _ in test_clean])
-    result = transcribe(audio)
+    streamed = []
+    result = transcribe(audio, on_segment=streamed.append)
+    assert tuple(streamed) == result.segments  # each one told as soon as its window was decoded
     assert result.windows >= 2 and len(result.segments) >= 7
     starts = [segment.start for segment in result.segments]
     assert starts == sorted(starts) and all(s.start <= s.end for s in result.segments)

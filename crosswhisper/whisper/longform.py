@@ -442,11 +442,13 @@ def transcribe_features(
     duration: Optional[float] = None,
     progress: Optional[Callable[[float], None]] = None,
     waveform: Optional[np.ndarray] = None,
+    on_segment: Optional[Callable[[Segment], None]] = None,
 ) -> Transcription:
     """The sequential long-form loop over log-mel `features` [1, n_mels, frames] (`long_form_features`).
     `decode`: the window decoder (default: `ReferenceDecoder`, transformers' generate);
     `progress(seconds)`: told how far into the audio the loop is after every window;
-    `waveform`: the audio, to skip windows of digital silence (`SILENCE_PEAK`) undecoded."""
+    `waveform`: the audio, to skip windows of digital silence (`SILENCE_PEAK`) undecoded;
+    `on_segment(segment)`: told every segment as soon as its window is decoded."""
     options = options or LongFormOptions()
     decode = decode or ReferenceDecoder(bundle)
     ids = SpecialTokens.of(bundle)
@@ -526,6 +528,9 @@ def transcribe_features(
                     temperature=decision.temperature,
                 )
             )
+        if on_segment is not None:
+            for segment in segments[len(segments) - len(pieces) :]:
+                on_segment(segment)
         seek += advance
         if progress is not None:
             progress(min(seek * FEATURE_PRECISION, duration))
@@ -549,6 +554,7 @@ def transcribe_long_form(
     options: Optional[LongFormOptions] = None,
     decode: Optional[WindowDecode] = None,
     progress: Optional[Callable[[float], None]] = None,
+    on_segment: Optional[Callable[[Segment], None]] = None,
 ) -> Transcription:
     """Transcribe audio of any length with Whisper's sequential algorithm (see the module doc).
     `audio`: a path FFmpeg reads or a 16 kHz mono float32 array; `decode`: the window decoder
@@ -558,7 +564,8 @@ def transcribe_long_form(
     features = long_form_features(bundle, waveform)
     feature_seconds = time.perf_counter() - t0
     result = transcribe_features(
-        bundle, features, options, decode, duration=len(waveform) / SAMPLE_RATE, progress=progress, waveform=waveform
+        bundle, features, options, decode, duration=len(waveform) / SAMPLE_RATE, progress=progress, waveform=waveform,
+        on_segment=on_segment,
     )
     stats = dataclasses.replace(result.stats, encode_seconds=result.stats.encode_seconds + feature_seconds)
     return dataclasses.replace(result, stats=stats)

@@ -20,7 +20,7 @@ from ..audio import AudioInput
 from ..decoding import DecodeOptions
 from ..engine import default_gamma, sampling_generator
 from ..lora import AdaptedModel, AdapterArgument, resolve_adapter
-from ..results import Transcription
+from ..results import Segment, Transcription
 from .decode import decode_window, validate_language
 from .loading import WhisperBundle, load_whisper
 from .longform import LongFormOptions, ReferenceDecoder, WindowTokens, transcribe_long_form
@@ -118,6 +118,7 @@ def transcribe(
     device: str = "cpu",
     options: Optional[TranscribeOptions] = None,
     progress: Optional[Callable[[float], None]] = None,
+    on_segment: Optional[Callable[[Segment], None]] = None,
     **decoding,
 ) -> Transcription:
     """Transcribe speech of any length with Whisper's sequential long-form algorithm.
@@ -140,6 +141,7 @@ def transcribe(
         `blank_branches` drafts more tokens per forward call for (γ+1)² more tokens in every
         call: worth it only where a call costs about the same for more tokens (a GPU).
     progress: called with the seconds of audio done after every window.
+    on_segment: called with every segment as soon as its window is decoded (streaming output).
     """
     if options is not None and decoding:
         raise TypeError("pass either options= or its fields as keywords, not both")
@@ -155,4 +157,4 @@ def transcribe(
         decode = ReferenceDecoder(bundle)
     else:
         decode = DraftingDecoder(bundle, resolve_adapter(bundle, adapter), decode_options, generator)
-    return transcribe_long_form(audio, bundle, options, decode, progress=progress)
+    return transcribe_long_form(audio, bundle, options, decode, progress=progress, on_segment=on_segment)
