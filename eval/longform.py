@@ -37,8 +37,11 @@ from crosswhisper.whisper import bundled_model_dir, get_bundle
 GAP_SECONDS = 0.5  # silence between joined utterances
 
 
-def joined_chapters(data: Path, speakers, max_seconds: float) -> list[tuple[str, np.ndarray, str]]:
-    """(speaker-chapter, audio, reference) per chapter, utterances in order, until max_seconds in all."""
+def joined_chapters(
+    data: Path, speakers, max_seconds: float, chapter_seconds: float = float("inf")
+) -> list[tuple[str, np.ndarray, str]]:
+    """(speaker-chapter, audio, reference) per chapter, utterances in order (at most
+    chapter_seconds of each chapter), until max_seconds in all."""
     chapters: dict[str, list] = {}
     for utterance, path, text in find_librispeech(data):
         speaker, chapter, _ = utterance.split("-")
@@ -50,6 +53,8 @@ def joined_chapters(data: Path, speakers, max_seconds: float) -> list[tuple[str,
     for name in sorted(chapters):
         pieces, texts = [], []
         for _, path, text in sorted(chapters[name]):
+            if sum(len(p) for p in pieces) >= chapter_seconds * SAMPLE_RATE:
+                break
             pieces += [load_audio(path), gap]
             texts.append(text)
         audio = np.concatenate(pieces[:-1])
@@ -94,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA.parent / "train-clean-5")
     parser.add_argument("--speakers", nargs="*", default=["1088", "3526"], help="held out by the shipped adapters")
     parser.add_argument("--max-minutes", type=float, default=20.0)
+    parser.add_argument("--chapter-seconds", type=float, default=float("inf"), help="first utterances of each chapter only")
     parser.add_argument("--compute-types", nargs="*", default=["float32", "int8"], help="faster-whisper rows")
     parser.add_argument("--output", type=Path, default=Path("results/longform.json"))
     parser.add_argument(
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: not found (pass --data, a LibriSpeech subset)")
-    files = joined_chapters(args.data, set(args.speakers), args.max_minutes * 60)
+    files = joined_chapters(args.data, set(args.speakers), args.max_minutes * 60, args.chapter_seconds)
     if not files:
         raise EvalError(f"no chapters of speakers {args.speakers} under {args.data}")
     audio_seconds = sum(len(a) for _, a, _ in files) / SAMPLE_RATE
