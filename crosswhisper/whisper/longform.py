@@ -30,7 +30,7 @@ import torch
 
 from ..audio import SAMPLE_RATE, AudioInput, load_audio
 from ..results import Segment, StatsCounter, Transcription
-from .decode import detect_language, is_multilingual, special_id, validate_language
+from .decode import decoder_prompt, detect_language, is_multilingual, validate_language
 from .loading import WhisperBundle
 
 logger = logging.getLogger(__name__)
@@ -175,12 +175,7 @@ class SpecialTokens:
 
 def initial_tokens(bundle: WhisperBundle, language: str, task: str, without_timestamps: bool) -> list[int]:
     """<|startoftranscript|> [<|lang|> <|transcribe|>/<|translate|>] [<|notimestamps|>]."""
-    tokens = [bundle.generation_config.decoder_start_token_id]
-    if is_multilingual(bundle):
-        tokens += [special_id(bundle, f"<|{language}|>"), special_id(bundle, f"<|{task}|>")]
-    if without_timestamps:
-        tokens.append(bundle.generation_config.no_timestamps_token_id)
-    return tokens
+    return decoder_prompt(bundle, language, task=task, timestamps=not without_timestamps)
 
 
 def prompt_text_tokens(bundle: WhisperBundle, text: str) -> list[int]:
