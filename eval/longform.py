@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=20.0)
     parser.add_argument("--chapter-seconds", type=float, default=float("inf"), help="first utterances of each chapter only")
     parser.add_argument("--compute-types", nargs="*", default=["float32", "int8"], help="faster-whisper rows")
+    parser.add_argument("--gammas", nargs="*", type=int, default=[], help="extra lossless rows at these draft sizes")
     parser.add_argument("--output", type=Path, default=Path("results/longform.json"))
     parser.add_argument(
         "--fallback", action=argparse.BooleanOptionalAction, default=True,
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
 
     systems = {"transformers long-form generate": transformers_run, "crosswhisper own loop (gamma=0)": ours(gamma=0),
                "crosswhisper lossless (shipped adapter)": ours()}
+    systems.update({f"crosswhisper lossless gamma={g}": ours(gamma=g) for g in args.gammas})
     systems.update({f"faster-whisper {ct}": faster_whisper(m) for ct, m in ct2.items()})
     warm = files[0][1][: 35 * SAMPLE_RATE]
     for run in systems.values():  # warm-up: first calls allocate, time kernels, load adapters

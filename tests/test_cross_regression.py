@@ -11,6 +11,7 @@ from crosswhisper.dual_stream import HFDualStream, StreamGate
 from crosswhisper.metrics import word_error_rate
 from crosswhisper.lora import load_adapter, new_adapter, save_adapter, shipped_adapter
 from crosswhisper.whisper import decode_window, decoder_prompt, encode, generate_greedy, get_bundle
+from crosswhisper.whisper.streams import WhisperStreams
 
 GAMMAS = (1, 4, 16)
 
@@ -176,6 +177,44 @@ def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, t
     assert torch.allclose(outputs[0].predictive_logits, outputs[1].predictive_logits, atol=1e-4)
 
 
+def test_one_row_streams_compute_what_two_rows_compute(test_clean, test_clean_audio, tmp_path):
+    """`WhisperStreams` (one row, static cache, own arithmetic) against `HFDualStream` (two rows
+    through transformers' decoder): the control stream alone bit for bit, both streams of a
+    drafting block to float rounding, over a prompt block and then a one-token block."""
+    bundle = get_bundle("tiny.en")
+    save_adapter(new_adapter(bundle, rank=8, random_init=True, seed=3), tmp_path, bundle)
+    adapted = load_adapter(bundle, tmp_path)
+    model = adapted.peft_model.base_model.model
+    hidden = encode(bundle, test_clean_audio[test_clean[1][0]])
+    prompt = torch.tensor([decoder_prompt(bundle, "en")])
+    drafts = torch.tensor([[262, 290, 11, 262]])
+    keep = lambda logits, index, tokens: logits  # noqa: E731
+
+    def both(drafting):
+        hf = HFDualStream(model.model.decoder, model.proj_out, hidden, process_logits=keep, gate=adapted.gate,
+                          drafting=drafting, max_length=448)
+        ours = WhisperStreams(model.model.decoder, model.proj_out, hidden, process_logits=keep,
+                              drafting=drafting, max_length=448)
+        for streams in (hf, ours):
+            streams.reset(1)
+        return hf, ours
+
+    hf, ours = both(drafting=False)
+    for block in (prompt, torch.tensor([[262]])):
+        a, b = hf.forward_block(block, drafts[:, :0]), ours.forward_block(block, drafts[:, :0])
+        assert torch.equal(a.control_logits, b.control_logits)
+        hf.commit(block.shape[1])
+        ours.commit(block.shape[1])
+    hf, ours = both(drafting=True)
+    for block in (prompt, torch.tensor([[262]])):
+        a, b = hf.forward_block(block, drafts), ours.forward_block(block, drafts)
+        assert torch.allclose(a.control_logits, b.control_logits, atol=1e-4)
+        if block.shape[1] == 1:  # a prompt's x_c reads its prefix from the control stream here, by design
+            assert torch.allclose(a.predictive_logits, b.predictive_logits, atol=1e-4)
+        hf.commit(block.shape[1] + 2)
+        ours.commit(block.shape[1] + 2)
+
+
 def test_adapter_for_another_model_is_refused(tmp_path):
     base = get_bundle("base")
     adapted = new_adapter(base, rank=4, random_init=True)
@@ -224,8 +263,13 @@ def tiny_random_whisper():
     return peft_model, StreamGate(peft_model), encoder_states
 
 
-def _streams(peft_model, gate, encoder_states, drafting):
+def _streams(peft_model, gate, encoder_states, drafting, one_row=False):
     whisper = peft_model.base_model.model
+    if one_row:
+        return WhisperStreams(
+            whisper.model.decoder, whisper.proj_out, encoder_states,
+            process_logits=lambda logits, index, tokens: logits, drafting=drafting, max_length=16,
+        )
     return HFDualStream(
         whisper.model.decoder, whisper.proj_out, encoder_states,
         process_logits=lambda logits, index, tokens: logits, gate=gate, drafting=drafting, max_length=16, placeholder_id=1,
@@ -233,8 +277,10 @@ def _streams(peft_model, gate, encoder_states, drafting):
 
 
 @pytest.mark.slow  # statistical, ~11 s each
-@pytest.mark.parametrize("blank_branches", [False, True], ids=["plain", "blank-branches"])
-def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_thread, blank_branches):
+@pytest.mark.parametrize(
+    "blank_branches, one_row", [(False, False), (True, False), (False, True)], ids=["two-rows", "blank-branches", "one-row"]
+)
+def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_thread, blank_branches, one_row):
     peft_model, gate, encoder_states = tiny_random_whisper
     # exact sequence probabilities of the control stream (adapter off), by teacher forcing
     inputs = teacher_forcing_inputs()
@@ -247,7 +293,7 @@ def test_sampling_lossless_matches_ancestral_sampling(tiny_random_whisper, one_t
     exact = sequence_probabilities(logits)
 
     g = torch.Generator().manual_seed(7)
-    streams = _streams(peft_model, gate, encoder_states, drafting=True)
+    streams = _streams(peft_model, gate, encoder_states, drafting=True, one_row=one_row)
     options = DecodeOptions(gamma=3, temperature=1.0, max_new_tokens=LENGTH, blank_branches=blank_branches)
 
     def sample():

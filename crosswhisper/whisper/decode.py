@@ -2,15 +2,15 @@
 
 Everything `transcribe()` does per window lives here: the log-mel features and the frozen
 encoder, the decoder prompt, language detection, Whisper's logits processing as a function of
-each position, both streams of the decoder (`dual_stream.HFDualStream`) and the cross-regressive
-loop over them (`decoding.decode`), or transformers' `generate` as the reference.
+each position, both streams of the decoder (`streams.WhisperStreams`, one row on a static cache;
+`dual_stream.HFDualStream` for blank branches) and the cross-regressive loop over them (`decoding.decode`), or transformers' `generate` as the reference.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from ..dual_stream import HFDualStream
 from ..engine import ForwardCounter, decode_prompt, reference_generation_config
 from ..lora import AdaptedModel
 from .loading import WhisperBundle
+from .streams import WhisperStreams, supported
 
 logger = logging.getLogger(__name__)
 
@@ -195,18 +196,29 @@ def dual_streams(
     drafting: bool,
     timestamps: bool = False,
     observe_index: Optional[int] = None,
-) -> HFDualStream:
+    branches: bool = False,
+) -> Union[WhisperStreams, HFDualStream]:
     """Both streams of the decoder over one window (the base model's alone without an adapter);
-    `timestamps`: Whisper's timestamp rules on; `observe_index`: see `HFDualStream`."""
+    `timestamps`: Whisper's timestamp rules on; `observe_index`: see `HFDualStream`.
+    `WhisperStreams` (one row, static cache: the faster call) unless blank branches are asked
+    for (`branches`) or the decoder holds layers it does not know: then `HFDualStream`."""
     whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
+    decoder = whisper.model.decoder
+    process = logits_processor(bundle, prompt_length, timestamps=timestamps)
+    max_length = bundle.model.config.max_target_positions
+    if not (branches and drafting) and supported(decoder):
+        return WhisperStreams(
+            decoder, whisper.proj_out, encoder_hidden_states, process_logits=process,
+            drafting=drafting, max_length=max_length, observe_index=observe_index,
+        )
     return HFDualStream(
-        whisper.model.decoder,
+        decoder,
         whisper.proj_out,
         encoder_hidden_states,
-        process_logits=logits_processor(bundle, prompt_length, timestamps=timestamps),
+        process_logits=process,
         gate=adapted.gate if adapted is not None else None,
         drafting=drafting,
-        max_length=bundle.model.config.max_target_positions,
+        max_length=max_length,
         placeholder_id=special_id(bundle, "<|endoftext|>"),
         observe_index=observe_index,
     )
@@ -238,12 +250,12 @@ def decode_window(
         timestamps = prompt[-1] != special_id(bundle, "<|notimestamps|>")
     sot = special_id(bundle, "<|startoftranscript|>")
     observe = prompt.index(sot) if sot in prompt else None
-    made: list[HFDualStream] = []
+    made: list = []
 
-    def streams(drafting: bool) -> HFDualStream:
+    def streams(drafting: bool):
         made.append(dual_streams(
             bundle, encoder_hidden_states, len(prompt), adapted=adapted, drafting=drafting,
-            timestamps=timestamps, observe_index=observe,
+            timestamps=timestamps, observe_index=observe, branches=options.blank_branches,
         ))
         return made[-1]
 
