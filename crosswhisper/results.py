@@ -57,6 +57,14 @@ class StatsCounter:
 
 
 @dataclass(frozen=True)
+class Word:
+    start: float  # seconds from the start of the audio
+    end: float  # seconds
+    word: str  # the word as decoded, leading space and attached punctuation included
+    probability: float  # mean probability of its tokens under the model
+
+
+@dataclass(frozen=True)
 class Segment:
     start: float  # seconds from the start of the audio (its opening timestamp)
     end: float  # seconds (its closing timestamp; a window's end without timestamps)
@@ -66,6 +74,7 @@ class Segment:
     compression_ratio: float = 0.0  # of that window's tokens (too repetitive above the threshold)
     no_speech_prob: float = 0.0  # P(<|nospeech|>) of that window
     temperature: float = 0.0  # the temperature that window was finally decoded at
+    words: tuple[Word, ...] = ()  # with word_timestamps=True: its words and their times
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Whisper's sequential long-form algorithm (crosswhisper.whisper.longform): its rules on scripted
 decodes, and token identity with transformers' long-form `generate` on real audio."""
 
+import difflib
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +254,58 @@ def test_multilingual_language_detection_identical_to_transformers(language_clip
     result = lf.transcribe_long_form(audio, base, LongFormOptions(temperature=(0.0,)))
     assert result.language == "de"
     assert list(result.tokens) == out["sequences"][0].tolist()
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()]
+
+
+def test_word_timestamps_agree_with_faster_whisper(longform_audio):
+    """word_timestamps=True: every segment's words spell its text, in time order inside it, and
+    their start times are faster-whisper's (the same alignment-head DTW rules) on the same
+    CTranslate2 weights, to a few hundredths of a second. The first 60 s: two windows."""
+    from faster_whisper import WhisperModel
+
+    from crosswhisper import transcribe
+    from crosswhisper.whisper import bundled_model_dir
+
+    audio = longform_audio[0][: 60 * 16000]
+    result = transcribe(audio, model="tiny.en", word_timestamps=True, temperature=0.0)
+    words = [w for s in result.segments for w in s.words]
+    for segment in result.segments:
+        assert "".join(w.word for w in segment.words).strip() == segment.text
+        assert all(a.start <= a.end <= b.start + 1e-6 for a, b in zip(segment.words, segment.words[1:]))
+        assert segment.start <= segment.words[0].start and segment.words[-1].end <= segment.end
+        assert all(0.0 < w.probability <= 1.0 for w in segment.words)
+    model = WhisperModel(str(bundled_model_dir("tiny.en")), device="cpu", compute_type="float32", cpu_threads=2)
+    theirs = [w for s in model.transcribe(audio, beam_size=1, temperature=0.0, word_timestamps=True, language="en")[0]
+              for w in s.words]
+    ours_text, their_text = [_words(w.word) for w in words], [_words(w.word) for w in theirs]
+    matcher = difflib.SequenceMatcher(a=[" ".join(t) for t in ours_text], b=[" ".join(t) for t in their_text], autojunk=False)
+    gaps = [abs(words[i + k].start - theirs[j + k].start) for i, j, n in matcher.get_matching_blocks() for k in range(n)]
+    print(f"{len(words)} words, {len(gaps)} matched; start differences: median {np.median(gaps):.3f} s, "
+          f"90th percentile {np.percentile(gaps, 90):.3f} s, max {max(gaps):.3f} s")
+    assert len(gaps) >= 0.9 * len(words)
+    assert np.median(gaps) <= 0.02 and np.percentile(gaps, 90) <= 0.1
+
+
+def test_beam_search_is_transformers_beam_search(test_clean, test_clean_audio):
+    """beam_size=5 decodes each window with transformers' beam search (not drafted): token for
+    token what `generate(num_beams=5)` gives, and not greedy's where the two differ."""
+    from crosswhisper import transcribe
+
+    bundle = get_bundle("tiny.en")
+    timestamp_begin = bundle.generation_config.no_timestamps_token_id + 1
+    eot = bundle.generation_config.eos_token_id
+    differs = 0
+    for utt, _, _ in test_clean:
+        audio = test_clean_audio[utt]
+        features = bundle.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.inference_mode():
+            sequences = {beams: bundle.model.generate(features, num_beams=beams, return_timestamps=True)[0].tolist()
+                         for beams in (1, 5)}
+        expected = {beams: [t for t in seq if t < eot or t >= timestamp_begin] for beams, seq in sequences.items()}
+        result = transcribe(audio, model=bundle, beam_size=5, temperature=0.0)
+        assert list(result.tokens) == expected[5], utt
+        differs += expected[5] != expected[1]
+    assert differs >= 1, "no utterance where beam search and greedy differ: the test cannot tell them apart"

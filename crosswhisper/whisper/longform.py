@@ -30,6 +30,7 @@ import torch
 
 from ..audio import SAMPLE_RATE, AudioInput, load_audio
 from ..results import Segment, StatsCounter, Transcription
+from .alignment import add_word_timestamps
 from .decode import decoder_prompt, detect_language, is_multilingual, validate_language
 from .loading import WhisperBundle
 
@@ -71,6 +72,9 @@ class LongFormOptions:
     # decode with <|notimestamps|>: one segment per window, `seek` moves a whole window each time
     without_timestamps: bool = field(default=False, metadata={
         "help": "no timestamp tokens: one segment per 30 s window"})
+    # per segment, its words with start/end times from the alignment heads' attention + DTW
+    word_timestamps: bool = field(default=False, metadata={
+        "help": "word-level timestamps (cross-attention alignment + dynamic time warping)"})
     # "transcribe" or "translate" (into English; multilingual models only)
     task: str = field(default="transcribe", metadata={
         "help": "transcribe, or translate into English (multilingual models)", "choices": ("transcribe", "translate")})
@@ -344,10 +348,12 @@ def split_segments(
 class ReferenceDecoder:
     """A `WindowDecode` on transformers' own `generate` (`GenerationMixin.generate`, the call
     Whisper's long-form generate makes per window) with Whisper's logits processors built as
-    `_retrieve_logit_processors` builds them for one window."""
+    `_retrieve_logit_processors` builds them for one window. `num_beams` > 1: beam search at
+    temperature 0 (a sampled decode stays a sample, as openai-whisper drops the beams for it)."""
 
-    def __init__(self, bundle: WhisperBundle):
+    def __init__(self, bundle: WhisperBundle, num_beams: int = 1):
         self.bundle = bundle
+        self.num_beams = num_beams
         self.ids = SpecialTokens.of(bundle)
         self.sot = bundle.generation_config.decoder_start_token_id
 
@@ -384,7 +390,7 @@ class ReferenceDecoder:
         config.do_sample = temperature > 0
         config.temperature = temperature if config.do_sample else 1.0
         config.top_k = config.top_p = None
-        config.num_beams = 1
+        config.num_beams = self.num_beams if temperature == 0 else 1
         config.suppress_tokens = config.begin_suppress_tokens = None
         config.max_new_tokens = None
         config.max_length = self.ids.max_positions  # prompt + generated ≤ 448, as the long-form loop sets it
@@ -417,10 +423,15 @@ class ReferenceDecoder:
         # transformers' _retrieve_avg_logprobs: the stored scores are the processed logits divided
         # by the temperature; multiplied back, log-softmax, at the generated token
         rescale = temperature if temperature > 0 else 1
-        token_logprobs = [
-            torch.log_softmax((score[0] * rescale).float(), dim=-1)[token].item()
-            for score, token in zip(out.scores, tokens, strict=True)
-        ]
+        if config.num_beams > 1:
+            # the kept beam's own steps: log-softmax of the processed logits at its tokens
+            steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+            token_logprobs = steps[0, : len(tokens)].float().tolist()
+        else:
+            token_logprobs = [
+                torch.log_softmax((score[0] * rescale).float(), dim=-1)[token].item()
+                for score, token in zip(out.scores, tokens, strict=True)
+            ]
         return WindowTokens(tokens, token_logprobs, no_speech_prob, counter.calls, {1: len(tokens)})
 
 
@@ -463,6 +474,7 @@ def transcribe_features(
     condition = options.condition_on_previous_text
     init: Optional[list[int]] = None
     seek, windows, skipped = 0, 0, 0
+    last_speech = 0.0  # end of the last word so far (word timestamps)
     while seek < max_frames:
         seek_num_frames = min(max_frames - seek, WINDOW_FRAMES)  # frames of audio in this window
         samples = None if waveform is None else waveform[seek * HOP : (seek + seek_num_frames) * HOP]
@@ -509,18 +521,28 @@ def transcribe_features(
         if tokens and tokens[-1] == eot:
             tokens.pop()
         pieces, advance = split_segments(tokens, seek, seek_num_frames, ids.timestamp_begin)
-        for piece in pieces:
-            context.append(piece.tokens)
+        found = [dict(start=piece.start, end=piece.end, tokens=piece.tokens, words=()) for piece in pieces]
+        if options.word_timestamps:
+            # the segments' times move to their words' where openai-whisper moves them; the
+            # decoding itself (and `seek`) stays the reference's
+            sot_sequence = initial_tokens(bundle, language or "en", options.task, without_timestamps=True)[:-1]
+            last_speech = add_word_timestamps(
+                bundle, hidden, sot_sequence, found, seek_num_frames, seek * FEATURE_PRECISION, last_speech,
+                language or "en",
+            )
+        for piece in found:
+            context.append(piece["tokens"])
             segments.append(
                 Segment(
-                    start=piece.start,
-                    end=piece.end,
-                    text=bundle.tokenizer.decode([t for t in piece.tokens if t < eot]).strip(),
-                    tokens=piece.tokens,
+                    start=piece["start"],
+                    end=piece["end"],
+                    text=bundle.tokenizer.decode([t for t in piece["tokens"] if t < eot]).strip(),
+                    tokens=piece["tokens"],
                     avg_logprob=decision.avg_logprob,
                     compression_ratio=decision.compression_ratio,
                     no_speech_prob=decision.decoded.no_speech_prob,
                     temperature=decision.temperature,
+                    words=piece["words"],
                 )
             )
         if on_segment is not None:

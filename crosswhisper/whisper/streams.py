@@ -193,6 +193,7 @@ class WhisperStreams:
                 for layer in w.layers
             ]
         self._keys = self._values = None  # [layers, 1, heads, capacity, head_dim], made on first use
+        self.captured: dict[int, torch.Tensor] = {}  # see `_run`
 
     def reset(self, batch: int) -> None:
         if batch != 1:
@@ -240,7 +241,6 @@ class WhisperStreams:
         past = self.length
         if past + r + gamma > self.max_length:
             raise ValueError(f"block of {r + gamma} tokens at {past} exceeds {self.max_length} positions")
-        w = self.weights
         device = pending.device
         L = r + gamma
         P = gamma + 1 if gamma else 0
@@ -249,35 +249,8 @@ class WhisperStreams:
         positions = torch.arange(past, past + L, device=device)
         if P:
             positions = torch.cat([positions, positions[r - 1 :]])
-        T, end = tokens.shape[1], past + tokens.shape[1]
-        x = F.embedding(tokens, w.embed_tokens)
-        if w.embed_scale != 1.0:
-            x = x * w.embed_scale
-        x = x + w.embed_positions[positions]
-        self._reserve(end, x)
-        mask = self._mask(past, r, gamma, x.dtype, device)
-        predictive = slice(L, T) if P else None
-        heads, head_dim = w.heads, w.head_dim
-
-        def split(y):  # [1, T, d] → [1, heads, T, head_dim]
-            return y.view(1, T, heads, head_dim).transpose(1, 2)
-
-        for i, layer in enumerate(w.layers):
-            y = _norm(layer.self_norm, x)
-            q = split(layer.q(y, predictive) * layer.scaling)
-            self._keys[i, :, :, past:end] = split(layer.k(y, predictive))
-            self._values[i, :, :, past:end] = split(layer.v(y, predictive))
-            o = F.scaled_dot_product_attention(q, self._keys[i, :, :, :end], self._values[i, :, :, :end], attn_mask=mask, scale=1.0)
-            x = x + layer.out(o.transpose(1, 2).reshape(1, T, -1), predictive)
-            y = _norm(layer.cross_norm, x)
-            q = split(layer.cross_q(y, predictive) * layer.scaling)
-            keys, values = self._audio[i]
-            o = F.scaled_dot_product_attention(q, keys, values, scale=1.0)
-            x = x + layer.cross_out(o.transpose(1, 2).reshape(1, T, -1), predictive)
-            y = _norm(layer.final_norm, x)
-            x = x + layer.fc2(layer.activation(layer.fc1(y, predictive)), predictive)
-        hidden = _norm(w.final_norm, x)
-
+        hidden = self._run(tokens, positions, past, self._mask(past, r, gamma, self.weights.embed_tokens.dtype, device),
+                           slice(L, tokens.shape[1]) if P else None)
         self._block = L
         if self.observe_index is not None and past <= self.observe_index < past + r:
             at = self.observe_index - past
@@ -295,6 +268,55 @@ class WhisperStreams:
             control_logits=logits[CONTROL : CONTROL + 1],
             predictive_logits=logits[PREDICTIVE : PREDICTIVE + 1] if P else None,
         )
+
+    def _run(self, tokens, positions, past: int, mask, predictive: Optional[slice], capture=None) -> torch.Tensor:
+        """The decoder over `tokens` [1, T] at `positions` after `past` cached positions, writing
+        their keys/values at [past, past + T); the LoRA delta on the `predictive` tokens.
+        `capture`: {layer: [heads]} whose cross-attention scores [heads, T, frames] (before the
+        softmax) are kept in `self.captured` (word alignment). → final hidden states [1, T, d]."""
+        w = self.weights
+        T, end = tokens.shape[1], past + tokens.shape[1]
+        x = F.embedding(tokens, w.embed_tokens)
+        if w.embed_scale != 1.0:
+            x = x * w.embed_scale
+        x = x + w.embed_positions[positions]
+        self._reserve(end, x)
+        heads, head_dim = w.heads, w.head_dim
+
+        def split(y):  # [1, T, d] → [1, heads, T, head_dim]
+            return y.view(1, T, heads, head_dim).transpose(1, 2)
+
+        for i, layer in enumerate(w.layers):
+            y = _norm(layer.self_norm, x)
+            q = split(layer.q(y, predictive) * layer.scaling)
+            self._keys[i, :, :, past:end] = split(layer.k(y, predictive))
+            self._values[i, :, :, past:end] = split(layer.v(y, predictive))
+            o = F.scaled_dot_product_attention(q, self._keys[i, :, :, :end], self._values[i, :, :, :end], attn_mask=mask, scale=1.0)
+            x = x + layer.out(o.transpose(1, 2).reshape(1, T, -1), predictive)
+            y = _norm(layer.cross_norm, x)
+            q = split(layer.cross_q(y, predictive) * layer.scaling)
+            keys, values = self._audio[i]
+            if capture and i in capture:
+                picked = capture[i]
+                self.captured[i] = (q[0, picked] @ keys[0, picked].transpose(-1, -2)).float()
+            o = F.scaled_dot_product_attention(q, keys, values, scale=1.0)
+            x = x + layer.cross_out(o.transpose(1, 2).reshape(1, T, -1), predictive)
+            y = _norm(layer.final_norm, x)
+            x = x + layer.fc2(layer.activation(layer.fc1(y, predictive)), predictive)
+        return _norm(w.final_norm, x)
+
+    @torch.inference_mode()
+    def teacher_force(self, tokens: list[int], capture: dict[int, list[int]]) -> torch.Tensor:
+        """The control stream over a whole sequence (nothing cached before, nothing kept):
+        logits [T, V] (unprocessed), with the cross-attention scores of `capture`'s heads in
+        `self.captured` ({layer: [heads, T, frames]})."""
+        device = self._audio[0][0].device
+        ids = torch.tensor([tokens], device=device)
+        T = ids.shape[1]
+        causal = torch.full((T, T), torch.finfo(self.weights.embed_tokens.dtype).min, device=device).triu(1)
+        self.captured = {}
+        hidden = self._run(ids, torch.arange(T, device=device), 0, causal.to(self.weights.embed_tokens.dtype), None, capture)
+        return project(hidden, self.lm_head)[0]
 
     def commit(self, keep: int) -> None:
         """Keep the first `keep` tokens of the last block (their control keys/values are already

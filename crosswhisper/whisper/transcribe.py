@@ -55,11 +55,17 @@ class TranscribeOptions(LongFormOptions):
     # draft from blank branches: more tokens per call for (γ+1)² more tokens in it
     blank_branches: bool = field(default=False, metadata={
         "help": "draft from blank branches: more tokens per call for (γ+1)² more tokens in it (worth it on a GPU)"})
+    # beams of the temperature-0 decode; > 1 runs transformers' beam search (not accelerated)
+    beam_size: int = field(default=1, metadata={
+        "help": "beam search with this many beams at temperature 0 (default 1: greedy, drafted; "
+                "> 1 runs transformers' beam search, not accelerated)"})
     # seeds the sampler of the fallback temperatures (> 0) for reproducible output
     seed: Optional[int] = field(default=None, metadata={"help": "seed for sampling (temperatures > 0)"})
 
     def __post_init__(self):
         super().__post_init__()
+        if int(self.beam_size) != self.beam_size or self.beam_size < 1:
+            raise ValueError(f"beam_size must be an integer ≥ 1, not {self.beam_size!r}")
         self.decode_options("cpu")  # refuse bad values before anything is loaded
 
     def decode_options(self, device) -> DecodeOptions:
@@ -90,6 +96,17 @@ def get_bundle(
 def option_fields() -> tuple[dataclasses.Field, ...]:
     """The fields of `TranscribeOptions` (the CLI makes a flag of each)."""
     return dataclasses.fields(TranscribeOptions)
+
+
+class BeamSearchDecoder:
+    """beam_size > 1: transformers' beam search for temperature 0, `sampled` for the fallback
+    temperatures (openai-whisper's rule: beams at 0, sampling above)."""
+
+    def __init__(self, beams: ReferenceDecoder, sampled):
+        self.beams, self.sampled = beams, sampled
+
+    def __call__(self, hidden: torch.Tensor, prompt: list, temperature: float) -> WindowTokens:
+        return (self.beams if temperature == 0 else self.sampled)(hidden, prompt, temperature)
 
 
 class DraftingDecoder:
@@ -137,7 +154,8 @@ def transcribe(
         `logprob_threshold` (-1.0), `no_speech_threshold` (0.6), `condition_on_previous_text`
         (True), `initial_prompt`, `without_timestamps` (False), `task` ("transcribe" or
         "translate"), `language` (None: detected on the first window), `gamma`, `beta`, `tau`,
-        `blank_branches`, `seed`: see `TranscribeOptions` and `LongFormOptions`.
+        `blank_branches`, `beam_size` (1; > 1 is transformers' beam search, not accelerated),
+        `word_timestamps` (False), `seed`: see `TranscribeOptions` and `LongFormOptions`.
         `blank_branches` drafts more tokens per forward call for (γ+1)² more tokens in every
         call: worth it only where a call costs about the same for more tokens (a GPU).
     progress: called with the seconds of audio done after every window.
@@ -157,4 +175,7 @@ def transcribe(
         decode = ReferenceDecoder(bundle)
     else:
         decode = DraftingDecoder(bundle, resolve_adapter(bundle, adapter), decode_options, generator)
+    if options.beam_size > 1:
+        logger.info("beam_size=%d: the temperature-0 decode runs transformers' beam search, not drafted", options.beam_size)
+        decode = BeamSearchDecoder(ReferenceDecoder(bundle, num_beams=options.beam_size), decode)
     return transcribe_long_form(audio, bundle, options, decode, progress=progress, on_segment=on_segment)
