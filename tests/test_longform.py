@@ -309,3 +309,27 @@ def test_beam_search_is_transformers_beam_search(test_clean, test_clean_audio):
         assert list(result.tokens) == expected[5], utt
         differs += expected[5] != expected[1]
     assert differs >= 1, "no utterance where beam search and greedy differ: the test cannot tell them apart"
+
+
+def test_no_invented_text_on_noise_clicks_or_truncated_files(test_clean, tmp_path):
+    """Where there is nothing to transcribe the transcript is empty, as faster-whisper gives it on
+    the same weights: 20 s of white noise (the no-speech rule), a 50 ms click of noise and a
+    WAV file cut off after its first 62 ms (windows under 0.1 s are not decoded)."""
+    import soundfile as sf
+
+    from crosswhisper import transcribe
+
+    rng = np.random.default_rng(0)
+    speech, rate = sf.read(test_clean[0][1], dtype="float32")
+    truncated = tmp_path / "truncated.wav"
+    sf.write(truncated, speech[: 5 * rate], rate, subtype="PCM_16")
+    truncated.write_bytes(truncated.read_bytes()[: 44 + 2000])  # the header promises 5 s, 1000 samples follow
+    cases = {
+        "white noise, 20 s": (0.1 * rng.standard_normal(20 * 16000)).astype(np.float32),
+        "noise click, 50 ms": (0.1 * rng.standard_normal(800)).astype(np.float32),
+        "truncated WAV": truncated,
+    }
+    for name, audio in cases.items():
+        result = transcribe(audio, model="tiny.en")
+        assert result.text == "" and result.segments == (), f"{name}: {result.text!r}"
+        assert result.skipped >= 1

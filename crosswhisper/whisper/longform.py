@@ -45,6 +45,10 @@ HOP = 160  # audio samples per log-mel frame
 # phrase on it ("you") that the no-speech rule does not always catch, so such a window is not
 # decoded at all (our one departure from transformers' loop; real audio never hits it)
 SILENCE_PEAK = 1e-4
+# Frames of audio below which a window is not decoded either (0.1 s: no word fits): a whole file
+# that short (a 50 ms click) is padded to a 30 s window of which Whisper transcribes the padding
+# ("you", with a log-probability above the no-speech rule's threshold); faster-whisper gives ""
+MIN_WINDOW_FRAMES = 10
 
 
 @dataclass(frozen=True)
@@ -478,8 +482,10 @@ def transcribe_features(
     while seek < max_frames:
         seek_num_frames = min(max_frames - seek, WINDOW_FRAMES)  # frames of audio in this window
         samples = None if waveform is None else waveform[seek * HOP : (seek + seek_num_frames) * HOP]
-        if samples is not None and (samples.size == 0 or np.abs(samples).max() < SILENCE_PEAK):
-            logger.debug("window at %.2f s is digital silence; skipped", seek * FEATURE_PRECISION)
+        # (`seek_num_frames` counts the feature extractor's padding of audio under 30 s: use the audio)
+        too_short = waveform is not None and len(waveform) / HOP - seek < MIN_WINDOW_FRAMES
+        if too_short or (samples is not None and (samples.size == 0 or np.abs(samples).max() < SILENCE_PEAK)):
+            logger.debug("window at %.2f s is too short or digital silence; skipped", seek * FEATURE_PRECISION)
             seek += seek_num_frames
             skipped += 1
             continue
