@@ -333,3 +333,16 @@ def test_no_invented_text_on_noise_clicks_or_truncated_files(test_clean, tmp_pat
         result = transcribe(audio, model="tiny.en")
         assert result.text == "" and result.segments == (), f"{name}: {result.text!r}"
         assert result.skipped >= 1
+
+
+def test_streamed_features_are_the_whole_audio_features(tiny, longform_audio):
+    """Long audio's log-mel is computed a window at a time (bounded memory): bit for bit the
+    frames transformers' feature extractor computes over the whole audio, at any seek."""
+    audio = longform_audio[0]
+    whole = tiny.feature_extractor(
+        audio, sampling_rate=16000, truncation=False, padding="longest", return_attention_mask=True, return_tensors="pt"
+    ).input_features
+    streamed = lf.long_form_features(tiny, audio)
+    assert isinstance(streamed, lf.StreamedFeatures) and streamed.shape == tuple(whole.shape)
+    for seek in (0, 1234, 2999, 7000, whole.shape[-1] - 500):
+        assert torch.equal(lf.window_features(streamed, seek), lf.window_features(whole, seek)), seek

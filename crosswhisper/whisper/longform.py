@@ -122,24 +122,69 @@ WindowDecode = Callable[[torch.Tensor, list, float], WindowTokens]
 # features
 
 
-def long_form_features(bundle: WhisperBundle, audio: np.ndarray) -> torch.Tensor:
+def long_form_features(bundle: WhisperBundle, audio: np.ndarray) -> "torch.Tensor | StreamedFeatures":
     """Log-mel features [1, n_mels, frames] as transformers' ASR pipeline gives them to `generate`:
     audio longer than 30 s over its whole length (`truncation=False, padding="longest"`; the
-    log-mel's dynamic-range clamp then spans the whole audio), shorter audio zero-padded to 30 s
-    first (the feature extractor's default: 3000 frames)."""
-    if len(audio) > bundle.feature_extractor.n_samples:
+    log-mel's dynamic-range clamp then spans the whole audio) as `StreamedFeatures`, computed a
+    window at a time; shorter audio zero-padded to 30 s first (the feature extractor's default:
+    3000 frames), as a tensor."""
+    extractor = bundle.feature_extractor
+    if len(audio) > extractor.n_samples:
+        if not getattr(extractor, "dither", 0.0):
+            return StreamedFeatures(bundle, audio)
         extra = dict(truncation=False, padding="longest", return_attention_mask=True)
     else:
         extra = {}
-    features = bundle.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", **extra).input_features
+    features = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", **extra).input_features
     return features.to(bundle.model.device, bundle.model.dtype)
 
 
-def window_features(features: torch.Tensor, seek: int) -> torch.Tensor:
-    """Frames [seek, seek + 3000) of [1, n_mels, frames], right-padded with 0.0 to 3000 frames
-    (transformers' `_get_input_segment`; openai-whisper pads the audio instead, so its last
-    window's padding is log-mel silence, not 0.0)."""
-    window = features[:, :, seek : seek + WINDOW_FRAMES]
+class StreamedFeatures:
+    """The whole-audio log-mel of `WhisperFeatureExtractor` (torch path, no dither), frame for
+    frame the same numbers, without ever holding it: one pass over the audio finds the maximum
+    the dynamic-range clamp needs, then each window's frames are computed when the loop asks.
+    Memory stays that of one window whatever the audio's length (the whole-audio STFT of an hour
+    takes ~2 GB). A frame depends only on its 400 samples (reflect-padded at the audio's ends),
+    so a frame computed in a chunk equals the one computed over the whole audio (tested)."""
+
+    CHUNK = 3000  # frames per piece of the maximum's pass
+
+    def __init__(self, bundle: WhisperBundle, audio: np.ndarray):
+        extractor = bundle.feature_extractor
+        self.device, self.dtype = bundle.model.device, bundle.model.dtype
+        self.audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+        self.n_fft, self.hop = extractor.n_fft, extractor.hop_length
+        self.window_fn = torch.hann_window(self.n_fft)
+        self.mel_filters = torch.from_numpy(extractor.mel_filters).to(torch.float32)
+        frames = len(audio) // self.hop  # the extractor drops the STFT's last frame
+        self.shape = (1, self.mel_filters.shape[1], frames)
+        self.maximum = max(self._log_mel(a, min(a + self.CHUNK, frames)).max() for a in range(0, frames, self.CHUNK))
+
+    def _log_mel(self, first: int, end: int) -> torch.Tensor:
+        """log10 mel power [n_mels, end - first] of frames [first, end), before the clamp."""
+        half = self.n_fft // 2
+        index = torch.arange(first * self.hop - half, (end - 1) * self.hop + half)
+        last = len(self.audio) - 1
+        index = torch.where(index < 0, -index, torch.where(index > last, 2 * last - index, index))  # reflect
+        stft = torch.stft(self.audio[index], self.n_fft, self.hop, window=self.window_fn, center=False, return_complex=True)
+        magnitudes = (stft.abs() ** 2).contiguous()
+        return torch.clamp(self.mel_filters.T @ magnitudes, min=1e-10).log10()
+
+    def window(self, seek: int) -> torch.Tensor:
+        """Frames [seek, seek + 3000) [1, n_mels, ≤ 3000], clamped and scaled as the extractor does."""
+        end = min(seek + WINDOW_FRAMES, self.shape[-1])
+        log_spec = torch.maximum(self._log_mel(seek, end), self.maximum - 8.0)
+        return ((log_spec + 4.0) / 4.0).unsqueeze(0).to(self.device, self.dtype)
+
+
+def window_features(features, seek: int) -> torch.Tensor:
+    """Frames [seek, seek + 3000) of [1, n_mels, frames] (a tensor or `StreamedFeatures`),
+    right-padded with 0.0 to 3000 frames (transformers' `_get_input_segment`; openai-whisper
+    pads the audio instead, so its last window's padding is log-mel silence, not 0.0)."""
+    if isinstance(features, StreamedFeatures):
+        window = features.window(seek)
+    else:
+        window = features[:, :, seek : seek + WINDOW_FRAMES]
     if window.shape[-1] < WINDOW_FRAMES:
         window = torch.nn.functional.pad(window, (0, WINDOW_FRAMES - window.shape[-1]))
     return window
