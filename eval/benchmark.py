@@ -23,8 +23,9 @@ import torch
 
 from crosswhisper.audio import load_audio
 from crosswhisper.decoding import DecodeOptions
-from crosswhisper.dual_stream import HFDualStream, cache_argument, project
+from crosswhisper.dual_stream import HFDualStream
 from crosswhisper.lora import load_adapter, new_adapter, save_adapter
+from crosswhisper.whisper.streams import WhisperStreams
 from crosswhisper.whisper import (
     decode_window,
     decoder_prompt,
@@ -64,7 +65,9 @@ def _adapter(bundle, spec: str):
 
 
 def call_cost(args) -> dict:
-    """Median wall time of one decoder call over a 40-token committed prefix, per block shape."""
+    """Median wall time of one decoder call after a committed prefix (--prefix-length tokens), per
+    block shape: transformers' decoder as two rows (`HFDualStream`), our own arithmetic in one row
+    (`WhisperStreams`, what `transcribe()` runs)."""
     bundle = _bundle(args)
     adapted = _adapter(bundle, args.adapter)
     whisper = adapted.peft_model.base_model.model
@@ -73,11 +76,14 @@ def call_cost(args) -> dict:
     hidden = encode(bundle, audio)
     prompt = decoder_prompt(bundle, "en")
     filler = bundle.tokenizer.encode(" the", add_special_tokens=False)[0]  # any ordinary token
-    prefix = prompt + [filler] * (40 - len(prompt))
+    prefix = prompt + [filler] * (args.prefix_length - len(prompt))
     process = logits_processor(bundle, len(prompt))
 
-    def streams(drafting: bool, plain: bool = False):
+    def streams(drafting: bool, plain: bool = False, one_row: bool = False):
         model = bundle.model if plain else whisper
+        if one_row:
+            return WhisperStreams(model.model.decoder, model.proj_out, hidden, process_logits=process,
+                                  drafting=drafting, max_length=448)
         return HFDualStream(
             model.model.decoder, model.proj_out, hidden, process_logits=process,
             gate=None if plain else adapted.gate, drafting=drafting, max_length=448,
@@ -89,31 +95,18 @@ def call_cost(args) -> dict:
         model.commit(len(prefix))
 
     def block_call(model, r, g):
-        # the design as implemented: one call, logits at the last pending token and every draft
+        # one call, logits at the last pending token and every draft (processed)
         return lambda: model.forward_block(torch.full((1, r), filler, device=device), torch.full((1, g), filler, device=device))
 
-    def one_row_call(model, block):
-        # the two-stream layout's arithmetic: one row of [pending, d_1..d_γ | x_last, d_1..d_γ]
-        # (2·block − 1 tokens, LoRA layers present) projecting all of them onto the vocabulary
-        def run():
-            hidden = model.decoder(
-                input_ids=torch.full((1, 2 * block - 1), filler, device=device),
-                encoder_hidden_states=hidden_states,
-                **cache_argument(model.decoder, model._cache),
-                use_cache=True,
-            ).last_hidden_state
-            return project(hidden, model.lm_head)
-
-        return run
-
-    hidden_states = hidden
     plain = streams(False, plain=True)
-    shapes = [("single-token step, base model (no LoRA)", plain, block_call(plain, 1, 0))]
+    own_plain = streams(False, plain=True, one_row=True)
+    shapes = [("single-token step, transformers' decoder (HFDualStream)", plain, block_call(plain, 1, 0)),
+              ("single-token step, own arithmetic (WhisperStreams)", own_plain, block_call(own_plain, 1, 0))]
     for block in args.blocks:
         two = streams(True)
-        one = streams(False)
-        shapes.append((f"two rows × {block} (this design)", two, block_call(two, 1, block - 1)))
-        shapes.append((f"one row × {2 * block - 1} (two-stream layout)", one, one_row_call(one, block)))
+        one = streams(True, one_row=True)
+        shapes.append((f"two rows × {block} (HFDualStream)", two, block_call(two, 1, block - 1)))
+        shapes.append((f"one row × {2 * block} (WhisperStreams, the default)", one, block_call(one, 1, block - 1)))
     times = {label: [] for label, *_ in shapes}
     with torch.inference_mode():
         for rep in range(args.repeats + 2):  # the first two rounds warm up
@@ -259,7 +252,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--adapter", default="random", help="'random' (untrained) or a peft adapter directory")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[8, 17, 33], help="tokens per row (call_cost)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 3, 4, 5], help="pending + drafts per stream, γ + 1 (call_cost)")
+    parser.add_argument("--prefix-length", type=int, default=250, help="committed tokens before the call (call_cost; long-form prompts are ~250)")
     parser.add_argument("--gammas", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--blank-branches", action="store_true", help="decode: each γ with blank branches too")
     parser.add_argument("--repeats", type=int, default=20)

@@ -93,6 +93,45 @@ def transformers_long_form(bundle, audio: np.ndarray, temperatures) -> tuple[str
     return text, tokens, calls
 
 
+def plot(report: dict, path: Path) -> None:
+    """WER % against RTFx per system (top axis: speed-up over transformers' long-form generate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from report import _place_labels
+
+    systems = report["systems"]
+    reference = systems["transformers long-form generate"]["rtfx"]
+    fig, ax = plt.subplots(figsize=(9.5, 6), dpi=120, layout="constrained")
+    points, labels, colors = [], [], []
+    for name, row in systems.items():
+        color = ("black" if name.startswith("transformers") else "tab:orange" if name.startswith("faster")
+                 else "tab:blue" if "gamma=0" in name else "tab:green")
+        ax.scatter(row["rtfx"], 100 * row["wer"], s=70, color=color, zorder=3, edgecolors="white", linewidths=0.5)
+        extra = f"\n{row['tokens_per_forward']:.2f} tok/fwd" if row.get("tokens_per_forward") and row["tokens_per_forward"] > 1 else ""
+        points.append((row["rtfx"], 100 * row["wer"]))
+        labels.append(name + extra)
+        colors.append(color)
+    ax.axvline(reference, color="black", lw=0.6, ls=":", zorder=1)
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / reference, lambda s: s * reference))
+    top.set_xlabel("end-to-end speed-up vs transformers long-form generate, same run")
+    ax.set_xlabel("RTFx = audio seconds / end-to-end seconds   (→ faster)")
+    ax.set_ylabel("WER %   (↓ better)")
+    ax.set_ylim(0, max(y for _, y in points) * 1.3 + 0.5)
+    xs = [x for x, _ in points]
+    ax.set_xlim(min(xs) * 0.8, max(xs) * 1.25)
+    ax.grid(True, alpha=0.3)
+    m = report["machine"]
+    fig.suptitle(f"Whisper {report['model']}, long-form: {len(report['files'])} joined chapters, "
+                 f"{report['audio_seconds'] / 60:.1f} min — {m['cpu_model'] or m['machine']}, {m['torch_threads']} threads",
+                 fontsize=10)
+    fig.canvas.draw()
+    _place_labels(ax, points, labels, colors)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny.en")
@@ -108,7 +147,12 @@ def main(argv=None) -> int:
         help="temperature fallback 0.0, 0.2, … 1.0 (default); --no-fallback: greedy only, where lossless "
         "decoding must match the reference token for token",
     )
+    parser.add_argument("--plot", type=Path, help="also draw WER against RTFx per system into this PNG")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from this earlier --output JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
+        return 0
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: not found (pass --data, a LibriSpeech subset)")
     files = joined_chapters(args.data, set(args.speakers), args.max_minutes * 60, args.chapter_seconds)
@@ -181,6 +225,8 @@ def main(argv=None) -> int:
               f"{'' if per_forward is None else f'{per_forward:.2f}'} | {'' if mismatched is None else mismatched} |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 
