@@ -110,7 +110,7 @@ def test_cli_writes_all_formats_and_survives_a_bad_file(tmp_path, test_clean, ca
     bad = tmp_path / "broken.flac"
     bad.write_bytes(b"\x00" * 100)
     out = tmp_path / "out"
-    status = cli_main([str(good), str(bad), str(tmp_path / "missing.wav"), "-f", "all", "-o", str(out)])
+    status = cli_main([str(good), str(bad), str(tmp_path / "missing.wav"), "-f", "all", "-o", str(out), "--word-timestamps"])
     assert status != 0
     err = capsys.readouterr().err
     assert "broken.flac" in err and "missing.wav" in err
@@ -118,7 +118,11 @@ def test_cli_writes_all_formats_and_survives_a_bad_file(tmp_path, test_clean, ca
     assert (out / f"{stem}.txt").read_text().strip()
     assert (out / f"{stem}.srt").read_text().startswith("1\n00:00:00,000 --> ")
     assert (out / f"{stem}.vtt").read_text().startswith("WEBVTT")
-    assert json.loads((out / f"{stem}.json").read_text())["language"] == "en"
+    written = json.loads((out / f"{stem}.json").read_text())
+    assert written["language"] == "en"
+    words = [w for segment in written["segments"] for w in segment["words"]]  # --word-timestamps
+    assert words and all(w["start"] <= w["end"] for w in words)
+    assert "".join(w["word"] for w in words).strip() == written["text"]
     assert not list(out.glob("broken.*"))
 
 
