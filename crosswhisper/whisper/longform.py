@@ -143,9 +143,10 @@ class StreamedFeatures:
     """The whole-audio log-mel of `WhisperFeatureExtractor` (torch path, no dither), frame for
     frame the same numbers, without ever holding it: one pass over the audio finds the maximum
     the dynamic-range clamp needs, then each window's frames are computed when the loop asks.
-    Memory stays that of one window whatever the audio's length (the whole-audio STFT of an hour
-    takes ~2 GB). A frame depends only on its 400 samples (reflect-padded at the audio's ends),
-    so a frame computed in a chunk equals the one computed over the whole audio (tested)."""
+    Besides the audio itself, memory stays that of one window whatever its length (the
+    whole-audio STFT of an hour takes ~2 GB). A frame depends only on its 400 samples
+    (reflect-padded at the audio's ends), so a frame computed in a chunk equals the one computed
+    over the whole audio (tested)."""
 
     CHUNK = 3000  # frames per piece of the maximum's pass
 
