@@ -215,6 +215,30 @@ def test_one_row_streams_compute_what_two_rows_compute(test_clean, test_clean_au
         ours.commit(block.shape[1] + 2)
 
 
+def test_one_row_streams_follow_a_trained_adapter(test_clean, test_clean_audio):
+    """An unfused (trainable) adapter changed between two decodes, as training does: the next
+    `WhisperStreams` drafts with the new weights, not with a copy made for the first."""
+    bundle = get_bundle("tiny.en")
+    adapted = new_adapter(bundle, rank=8, random_init=True, seed=4)
+    model = adapted.peft_model.base_model.model
+    hidden = encode(bundle, test_clean_audio[test_clean[2][0]])
+    prompt, drafts = torch.tensor([decoder_prompt(bundle, "en")]), torch.tensor([[262, 290, 11]])
+
+    def predictive():
+        streams = WhisperStreams(model.model.decoder, model.proj_out, hidden,
+                                 process_logits=lambda logits, index, tokens: logits, drafting=True, max_length=448)
+        streams.reset(1)
+        return streams.forward_block(prompt, drafts).predictive_logits
+
+    before = predictive()
+    with torch.no_grad():
+        for name, parameter in adapted.peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(2.0)
+    after = predictive()
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
 def test_adapter_for_another_model_is_refused(tmp_path):
     base = get_bundle("base")
     adapted = new_adapter(base, rank=4, random_init=True)

@@ -105,10 +105,15 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDic
 
 
 def _decoder(decoder: nn.Module) -> _Decoder:
-    """The weights of a transformers `WhisperDecoder` (possibly holding LoRA layers), read once."""
+    """The weights of a transformers `WhisperDecoder` (possibly holding LoRA layers), read once
+    per decoder; a decoder with trainable (unfused peft) LoRA layers is read again every time,
+    since its scaled B matrices are copies that training would leave behind."""
     cached = _DECODERS.get(decoder)
     if cached is not None:
         return cached
+    from peft.tuners.lora import LoraLayer
+
+    trainable = any(isinstance(module, LoraLayer) for module in decoder.modules())
     layers = []
     for layer in decoder.layers:
         attention, cross = layer.self_attn, layer.encoder_attn
@@ -131,7 +136,8 @@ def _decoder(decoder: nn.Module) -> _Decoder:
         tuple(layers), decoder.embed_tokens.weight, decoder.embed_positions.weight,
         float(getattr(decoder, "embed_scale", 1.0)), decoder.layer_norm, first.num_heads, first.head_dim,
     )
-    _DECODERS[decoder] = made
+    if not trainable:
+        _DECODERS[decoder] = made
     return made
 
 
