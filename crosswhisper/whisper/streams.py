@@ -319,9 +319,9 @@ class WhisperStreams:
         device = self._audio[0][0].device
         ids = torch.tensor([tokens], device=device)
         T = ids.shape[1]
-        causal = torch.full((T, T), torch.finfo(self.weights.embed_tokens.dtype).min, device=device).triu(1)
+        causal = self._mask(0, T, 0, self.weights.embed_tokens.dtype, device)  # T pending tokens, no drafts
         self.captured = {}
-        hidden = self._run(ids, torch.arange(T, device=device), 0, causal.to(self.weights.embed_tokens.dtype), None, capture)
+        hidden = self._run(ids, torch.arange(T, device=device), 0, causal, None, capture)
         return project(hidden, self.lm_head)[0]
 
     def commit(self, keep: int) -> None:
