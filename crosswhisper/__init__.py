@@ -5,21 +5,33 @@
     >>> result.text, result.stats.tokens_per_forward
 """
 
-from .audio import AudioError, load_audio
-from .results import DecodingStats, Segment, Transcription
-from .whisper import TranscribeOptions, WhisperBundle, load_whisper, transcribe
-from .writers import get_writer
+from importlib import import_module
 
-__all__ = [
-    "AudioError",
-    "DecodingStats",
-    "Segment",
-    "TranscribeOptions",
-    "Transcription",
-    "WhisperBundle",
-    "get_writer",
-    "load_audio",
-    "load_whisper",
-    "transcribe",
-]
+# Names are imported on first use (PEP 562): `import crosswhisper.audio` in a reading task or a
+# writer does not pay for torch and transformers (≈ 4 s here).
+_EXPORTS = {
+    "AudioError": ".audio",
+    "load_audio": ".audio",
+    "DecodingStats": ".results",
+    "Segment": ".results",
+    "Transcription": ".results",
+    "TranscribeOptions": ".whisper",
+    "WhisperBundle": ".whisper",
+    "load_whisper": ".whisper",
+    "transcribe": ".whisper",
+    "get_writer": ".writers",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -1,6 +1,7 @@
 """Command lines.
 
-    crosswhisper-transcribe FILE... [--model NAME] [--output-format ...] [--output-dir DIR]
+    crosswhisper-transcribe FILE|FOLDER... [--manifest LIST] [--model NAME] [--output-format ...] [--output-dir DIR]
+    crosswhisper-transcribe FOLDER... --ray [ADDRESS]     (bulk: Ray Data, resumable; crosswhisper.bulk)
     crosswhisper-generate "PROMPT" [--model NAME] [--raw] [--max-new-tokens N] [--stats]
 """
 
@@ -15,8 +16,9 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .decoding import DecodeOptions
 from .audio import SAMPLE_RATE, load_audio
+from .bulk import collect_jobs
+from .decoding import DecodeOptions
 from .engine import default_gamma
 from .lora import resolve_adapter
 from .whisper.transcribe import TranscribeOptions, get_bundle, option_fields, transcribe
@@ -59,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crosswhisper-transcribe",
         description="Transcribe audio files with Whisper, decoded by Cross-Regression.",
     )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="audio or video files (wav, flac, mp3, m4a, ogg/opus, mp4, webm, ...)")
+    parser.add_argument(
+        "files", nargs="*", metavar="FILE",
+        help="audio or video files (wav, flac, mp3, m4a, ogg/opus, mp4, webm, ...) or folders (searched recursively; "
+        "their structure is kept under --output-dir)",
+    )
+    parser.add_argument("--manifest", type=Path, default=None, help="a text file listing inputs, one path per line (relative to its folder)")
     parser.add_argument(
         "--model",
         default="tiny.en",
@@ -82,7 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="format of the written transcripts (default: %(default)s)",
     )
     parser.add_argument("--output-dir", "-o", type=Path, default=Path("."), help="where to write (default: .)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cpu; with --ray: cuda when the cluster has GPUs)")
+    bulk = parser.add_argument_group(
+        "bulk transcription on Ray Data (pip install \"crosswhisper[ray]\")",
+        "files whose outputs exist are skipped (a rerun does the rest); failures go to <output-dir>/failures.jsonl",
+    )
+    bulk.add_argument(
+        "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+        help="run on a Ray cluster: ADDRESS (e.g. auto, ray://head:10001), or none for $RAY_ADDRESS or a local cluster",
+    )
+    bulk.add_argument("--retry-failed", action="store_true", help="--ray: try again the files listed in failures.jsonl")
+    bulk.add_argument("--workers", type=int, default=None, help="--ray: transcriber actors (default: one per GPU, else CPUs / threads)")
+    bulk.add_argument("--threads", type=int, default=None, help="--ray: torch threads per CPU actor (default: min(4, CPUs))")
     parser.add_argument("--verbose", "-v", action="store_true", help="print segments as they are decoded; log debugging details and library warnings")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
@@ -95,14 +113,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     adapter = None if args.no_adapter else args.adapter
     try:  # refuse bad values before loading anything
         options = _options_from(args)
-        options.decode_options(args.device)
+        options.decode_options(args.device or "cpu")
+        if not args.files and args.manifest is None:
+            raise ValueError("give files, folders or --manifest")
+        for name in ("workers", "threads"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be ≥ 1")
+        jobs = collect_jobs(args.files, manifest=args.manifest)
     except (ValueError, RuntimeError) as error:  # RuntimeError: torch does not know --device
         parser.error(str(error))
-    write = get_writer(args.output_format, args.output_dir)
+    if args.ray is not None:
+        return _bulk_main(args, adapter, options)
+    device = args.device or "cpu"
 
     # a model or adapter that cannot load would fail every file: stop here, clearly
     try:
-        bundle = get_bundle(args.model, device=args.device)
+        bundle = get_bundle(args.model, device=device)
     except Exception as error:
         logger.error("cannot load model %r: %s", args.model, error)
         return 2
@@ -116,8 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
 
     failures = 0
-    for name in tqdm(args.files, desc="transcribing", unit="file", disable=len(args.files) < 2):
-        path = Path(name)
+    for job in tqdm(jobs, desc="transcribing", unit="file", disable=len(jobs) < 2 or args.quiet):
+        path = job.audio
         try:
             waveform = load_audio(path)
             seconds = len(waveform) / SAMPLE_RATE
@@ -125,11 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with tqdm(total=round(seconds, 1), unit="s", desc=path.name, leave=False,
                       disable=args.quiet or seconds <= 30, bar_format=PROGRESS_FORMAT) as bar:
                 result = transcribe(
-                    waveform, model=bundle, adapter=adapter, device=args.device, options=options,
+                    waveform, model=bundle, adapter=adapter, device=device, options=options,
                     progress=lambda done, bar=bar: bar.update(round(done - bar.n, 1)),
                     on_segment=_print_segment if args.verbose else None,
                 )
-            write(result, path)
+            get_writer(args.output_format, args.output_dir / job.subdir)(result, path)
         except (OSError, ValueError) as error:
             # one bad file must not cost the others their transcripts: report it and go on
             failures += 1
@@ -137,9 +163,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         tqdm.write(f"{path}: {result.text}")
     if failures:
-        logger.error("%d of %d file(s) failed", failures, len(args.files))
+        logger.error("%d of %d file(s) failed", failures, len(jobs))
         return 1
     return 0
+
+
+def _bulk_main(args: argparse.Namespace, adapter, options: TranscribeOptions) -> int:
+    """--ray: the files on Ray Data (`bulk.transcribe_files`). Exit status 0 when every file has its
+    transcripts, 1 when some failed (in this run or an earlier one), 2 when nothing could run."""
+    from .bulk import transcribe_files
+
+    try:
+        report = transcribe_files(
+            args.files, manifest=args.manifest, output_dir=args.output_dir, output_format=args.output_format,
+            model=args.model, adapter=adapter, options=options, address=args.ray or None, workers=args.workers,
+            threads=args.threads, device=args.device, retry_failed=args.retry_failed, progress=not args.quiet,
+            verbose=args.verbose,
+        )
+    except Exception as error:  # no cluster, a model that does not load, ...: nothing could run
+        logger.error("bulk transcription stopped: %s", error)
+        return 2
+    earlier = f", {report.failed_before} failed before (skipped; --retry-failed tries them)" if report.failed_before else ""
+    print(
+        f"{len(report.written)} transcribed, {report.skipped} already done, {len(report.failed)} failed{earlier}"
+        + (f"; failures: {report.failures_file}" if report.failures_file else ""),
+        file=sys.stderr,
+    )
+    return 1 if report.failed or report.failed_before else 0
 
 
 def _print_segment(segment) -> None:
