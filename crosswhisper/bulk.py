@@ -154,7 +154,9 @@ class FailureLog:
 
 class _Transcriber:
     """A Ray Data actor: one model in memory, transcribes the rows it is given and writes their
-    outputs; returns one status row per file (errors become rows, not exceptions)."""
+    outputs; returns one status row per file (errors become rows, not exceptions). A model or
+    adapter that cannot load marks every row `fatal`: the driver stops the run (Ray would
+    otherwise restart the actor again and again)."""
 
     def __init__(self, model, adapter, options, device, threads, output_dir, output_format):
         import torch
@@ -167,39 +169,45 @@ class _Transcriber:
         configure_output(verbose=False)  # the workers' library warnings stay out of the driver's log
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
-        self.bundle = get_bundle(model, device=device)
-        self.adapter = resolve_adapter(self.bundle, adapter) if adapter is not None else None
-        if adapter is not None and self.adapter is None:
-            self.adapter = adapter  # "auto" with none shipped: no drafting (as the plain CLI)
-        self.options, self.device = options, device
-        self.output_dir, self.output_format, self._get_writer = Path(output_dir), output_format, get_writer
+        self.options, self.device, self.fatal = options, device, ""
+        self.output_dir, self.write = Path(output_dir), lambda subdir: get_writer(output_format, self.output_dir / subdir)
+        try:
+            self.bundle = get_bundle(model, device=device)
+        except Exception as error:  # whatever the loader raises, no file can be done
+            self.fatal = f"cannot load model {model!r}: {error}"
+            return
+        try:
+            # "auto" with none shipped for the model stays "auto": no drafting (as the plain CLI)
+            self.adapter = adapter if adapter is None else resolve_adapter(self.bundle, adapter) or adapter
+        except (OSError, ValueError) as error:
+            self.fatal = f"cannot use adapter {adapter!r}: {error}"
 
     def __call__(self, batch: dict) -> dict:
         from .whisper.transcribe import transcribe
 
-        errors = list(batch["error"])
+        errors = [self.fatal or error for error in batch["error"]]
         for i, (audio, subdir, waveform) in enumerate(zip(batch["audio"], batch["subdir"], batch["waveform"])):
             if errors[i]:
-                continue  # not readable: reported by the driver
+                continue  # not readable (or no model): reported by the driver
             try:
                 result = transcribe(waveform, model=self.bundle, adapter=self.adapter, device=self.device, options=self.options)
-                self._get_writer(self.output_format, self.output_dir / subdir)(result, audio)
+                self.write(subdir)(result, audio)
             except (OSError, ValueError) as error:
                 errors[i] = f"{type(error).__name__}: {error}"
-        return {"audio": batch["audio"], "seconds": batch["seconds"], "error": errors}
+        return {"audio": batch["audio"], "error": errors, "fatal": [bool(self.fatal)] * len(errors)}
 
 
 def _read(row: dict) -> dict:
     """A Ray task: decode and resample one file (16 kHz mono float32), or record why not."""
     import numpy as np
 
-    from .audio import SAMPLE_RATE, load_audio
+    from .audio import load_audio
 
     try:
         waveform, error = load_audio(row["audio"]), ""
     except (OSError, ValueError) as exc:
         waveform, error = np.zeros(0, dtype=np.float32), f"{type(exc).__name__}: {exc}"
-    return {**row, "waveform": waveform, "seconds": len(waveform) / SAMPLE_RATE, "error": error}
+    return {**row, "waveform": waveform, "error": error}
 
 
 def _quiet_ray(verbose: bool) -> None:
@@ -308,6 +316,8 @@ def transcribe_files(
         with tqdm(total=len(todo), desc="transcribing", unit="file", disable=not progress) as bar:
             for row in dataset.iter_rows():
                 audio = Path(row["audio"])
+                if row["fatal"]:
+                    raise RuntimeError(row["error"])
                 if row["error"]:
                     failures.add(audio, row["error"])
                     tqdm.write(f"error: {audio}: {row['error']}")

@@ -140,3 +140,15 @@ def test_ray_bulk_matches_plain_cli_resumes_and_records_failures(tmp_path):
     report = transcribe_files([source], output_dir=out, progress=False)
     assert (report.written, report.skipped, report.failed_before, report.failed) == ([], good, 1, [])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_ray_bulk_stops_clearly_when_the_model_cannot_load(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "crosswhisper.cli", str(TEST_CLEAN / "1221"), "--ray", "-q", "-o", str(out),
+               "--model", str(tmp_path / "no-such-model")]
+    run = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "bulk transcription stopped: cannot load model" in run.stderr
+    assert not (out / FAILURES_FILE).exists()  # not the files' fault
