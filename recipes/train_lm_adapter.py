@@ -13,6 +13,13 @@ in one of `TEMPLATES` (continue, summarise, explain, rewrite, ...). The speakers
 greedy continuations (self-distillation: no human answers). Continuations and checkpoints are
 cached in --work-dir (training resumes after an interruption); the adapter (peft format) and
 its card go to --output.
+
+Data-parallel on several processes, unchanged, as recipes/train_whisper_adapter.py:
+
+    accelerate launch --multi_gpu --num_processes 4 recipes/train_lm_adapter.py
+
+(one optimizer step sees processes × --utterances-per-step prompts; a resume needs the same
+number of processes).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from pathlib import Path
 import torch
 
 from crosswhisper.lm import DEFAULT_LM, load_lm
-from crosswhisper.training import LMTask, TrainingConfig, add_draft_arguments, draft_options, prepare_lm_examples, train
+from crosswhisper.training import (
+    LMTask, Processes, TrainingConfig, add_draft_arguments, draft_options, prepare_lm_examples, train,
+)
 from crosswhisper.whisper.cache import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +100,18 @@ def main(argv=None) -> int:
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same modules; its rank ≤ --rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=TrainingConfig.checkpoint_every, help="steps between checkpoints (resume points)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="caches and checkpoints")
     parser.add_argument("--output", type=Path, default=None, help="default: crosswhisper/adapters/<model>")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    processes = Processes.from_environment()  # one, or those of `accelerate launch`
+    logging.basicConfig(level=logging.INFO if processes.is_main else logging.WARNING, format="%(levelname)s: %(message)s")
 
-    lm = load_lm(args.model)
+    # the main process loads the model and computes the continuations' caches, the others then read them
+    with processes.main_process_first():
+        lm = load_lm(args.model)
     task = LMTask(lm)
     name = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "--")
     work = args.work_dir or cache_dir() / "training" / name
@@ -105,33 +120,40 @@ def main(argv=None) -> int:
     dev_prompts = build_prompts(transcript_lines(args.data, speakers=set(args.dev_speakers)), args.dev_prompts, args.seed)
 
     t0 = time.perf_counter()
-    train_examples = prepare_lm_examples(
-        lm, train_prompts, max_new_tokens=args.max_new_tokens, batch_size=args.generate_batch,
-        cache_file=work / f"train-{len(train_prompts)}-{args.max_new_tokens}.pt",
-    )
-    dev_examples = prepare_lm_examples(
-        lm, dev_prompts, max_new_tokens=args.max_new_tokens, cache_file=work / f"dev-{len(dev_prompts)}-{args.max_new_tokens}.pt"
-    )
+    with processes.main_process_first():
+        train_examples = prepare_lm_examples(
+            lm, train_prompts, max_new_tokens=args.max_new_tokens, batch_size=args.generate_batch,
+            cache_file=work / f"train-{len(train_prompts)}-{args.max_new_tokens}.pt",
+        )
+        dev_examples = prepare_lm_examples(
+            lm, dev_prompts, max_new_tokens=args.max_new_tokens, cache_file=work / f"dev-{len(dev_prompts)}-{args.max_new_tokens}.pt"
+        )
     prep_seconds = time.perf_counter() - t0
 
     config = TrainingConfig(
         gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
         cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
         replay_truth=args.replay_truth, **draft_options(args),
-        init_adapter=str(args.init_adapter) if args.init_adapter else None,
+        init_adapter=str(args.init_adapter) if args.init_adapter else None, checkpoint_every=args.checkpoint_every,
     )
     t0 = time.perf_counter()
-    adapted = train(task, train_examples, config, output_dir=work / config.run_name())
+    adapted = train(task, train_examples, config, output_dir=work / config.run_name(), processes=processes)
     train_seconds = time.perf_counter() - t0
+    processes.wait()
+    if not processes.is_main:  # every process holds the same adapter: the main one evaluates and exports it
+        processes.close()
+        return 0
 
     results = [task.evaluate(adapted, dev_examples, g) for g in args.eval_gammas]
     for r in results:
         logging.info("held-out γ=%d: %.3f tokens/forward, %d mismatches", r["gamma"], r["tokens_per_forward"], r["mismatches"])
+    threads = f"{torch.get_num_threads()} torch threads"
     card = {
         "base_model": args.model,
         "lora": {"rank": args.rank, "alpha": args.rank, "target_modules": "all-linear (attention + MLP of every layer)",
                  "saved_dtype": "float16"},
-        "training": asdict(config),
+        # processes: data-parallel (accelerate launch), an optimizer step saw processes × utterances_per_step prompts
+        "training": {**asdict(config), "processes": processes.count},
         "data": {
             "train": f"{len(train_examples)} chat prompts over {args.data.name} transcript lines, speakers except {args.dev_speakers}",
             "held_out": f"{len(dev_examples)} chat prompts over transcript lines of speakers {args.dev_speakers}",
@@ -139,7 +161,9 @@ def main(argv=None) -> int:
             "targets": f"the base model's own greedy continuations, at most {args.max_new_tokens} tokens",
         },
         "wall_seconds": {"prepare": round(prep_seconds), "train": round(train_seconds)},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "machine": f"{platform.machine()}, "
+        + (f"{processes.count} processes × {threads}" if processes.count > 1 else threads)
+        + f", {platform.processor() or 'cpu'}",
         "torch": torch.__version__,
         "tokens_per_forward": {"held_out": results},
     }
@@ -147,6 +171,7 @@ def main(argv=None) -> int:
     # the held-out prompt set travels with the adapter: tests and eval/lm_benchmark.py read it
     (output / "held_out_prompts.json").write_text(json.dumps(dev_prompts, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(results, indent=2))
+    processes.close()
     return 0
 
 

@@ -11,6 +11,16 @@ With --long-form the examples are the windows Whisper's sequential long-form loo
 utterances in order with 0.5 s of silence between them, capped at --chapter-seconds.
 Encoder outputs and transcripts are cached in --work-dir; training checkpoints there too and
 resumes after an interruption. The adapter (peft format) and its card go to --output.
+
+Data-parallel on several processes, unchanged (crosswhisper/training/distributed.py):
+
+    accelerate launch --multi_gpu --num_processes 4 recipes/train_whisper_adapter.py --model tiny.en
+
+(--multi_gpu is what makes accelerate start the processes, with or without GPUs.) Each process
+trains on its own draws and the gradients are averaged: one optimizer step sees processes ×
+--utterances-per-step utterances. The main process prepares the examples first (the others
+then read its cache), writes the checkpoints, evaluates and exports; a resume needs the same
+number of processes. The model is trained on the CPU (gloo), as in one process.
 """
 
 from __future__ import annotations
@@ -27,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-from crosswhisper.training import TrainingConfig, WhisperTask, add_draft_arguments, draft_options, prepare_examples, train
+from crosswhisper.training import (
+    Processes, TrainingConfig, WhisperTask, add_draft_arguments, draft_options, prepare_examples, train,
+)
 from crosswhisper.training.data import prepare_long_form_examples
 from crosswhisper.whisper import LORA, get_bundle
 from crosswhisper.whisper.cache import cache_dir
@@ -123,15 +135,73 @@ def main(argv=None) -> int:
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same modules; its rank ≤ --rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=TrainingConfig.checkpoint_every, help="steps between checkpoints (resume points)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="caches and checkpoints")
     parser.add_argument("--output", type=Path, default=None, help="default: crosswhisper/adapters/<model>")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    processes = Processes.from_environment()  # one, or those of `accelerate launch`
+    logging.basicConfig(level=logging.INFO if processes.is_main else logging.WARNING, format="%(levelname)s: %(message)s")
 
-    bundle = get_bundle(args.model)
+    # the main process converts the model and computes the examples' caches, the others then read them
+    with processes.main_process_first():
+        bundle, train_examples, dev_examples, test_examples, data, prep_seconds = prepare(args)
     task = WhisperTask(bundle)
     work = args.work_dir or cache_dir() / "training" / args.model
     output = args.output or ROOT / "crosswhisper" / "adapters" / args.model
+
+    config = TrainingConfig(
+        gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
+        cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
+        replay_truth=args.replay_truth, **draft_options(args),
+        init_adapter=str(args.init_adapter) if args.init_adapter else None, checkpoint_every=args.checkpoint_every,
+    )
+    t0 = time.perf_counter()
+    adapted = train(task, train_examples, config, output_dir=work / config.run_name(), processes=processes)
+    train_seconds = time.perf_counter() - t0
+    processes.wait()
+    if not processes.is_main:  # every process holds the same adapter: the main one evaluates and exports it
+        processes.close()
+        return 0
+
+    results = {}
+    splits = (("dev", dev_examples, args.train_data), ("test-clean", test_examples, args.test_data))
+    for split, examples, subset in splits:
+        # long-form windows have no per-window human transcript: no WER there
+        references = None if args.long_form and split == "dev" else human_transcripts(subset)
+        results[split] = [task.evaluate(adapted, examples, g, references) for g in args.eval_gammas]
+        for r in results[split]:
+            wer = f", WER {100 * r['wer']:.2f} %" if "wer" in r else ""
+            logging.info(
+                "%s γ=%d: %.3f tokens/forward, %d mismatches%s", split, r["gamma"], r["tokens_per_forward"], r["mismatches"], wer
+            )
+    threads = f"{torch.get_num_threads()} torch threads"
+    card = {
+        "base_model": args.model,
+        "base_weights_sha256": bundle.weights_sha256,
+        "lora": {"rank": args.rank, "alpha": args.rank, "target_modules": LORA.target_modules},
+        # processes: data-parallel (accelerate launch), an optimizer step saw processes × utterances_per_step utterances
+        "training": {**asdict(config), "processes": processes.count},
+        "data": data,
+        "wall_seconds": {"prepare": round(prep_seconds), "train": round(train_seconds)},
+        "machine": f"{platform.machine()}, "
+        + (f"{processes.count} processes × {threads}" if processes.count > 1 else threads)
+        + f", {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+        "tokens_per_forward": results,
+    }
+    task.export(adapted, output, card)
+    print(json.dumps(results, indent=2))
+    processes.close()
+    return 0
+
+
+def prepare(args):
+    """The base model and the examples, cached in --work-dir: (bundle, train, dev, test, the
+    card's data entry, seconds)."""
+    bundle = get_bundle(args.model)
+    work = args.work_dir or cache_dir() / "training" / args.model
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
     if args.long_form:
@@ -162,29 +232,6 @@ def main(argv=None) -> int:
         dev_examples = prepare_examples(bundle, dev_files, cache_file=work / f"dev-{len(dev_files)}.pt")
     test_files = audio_files(args.test_data)
     test_examples = prepare_examples(bundle, test_files, cache_file=work / "test-clean.pt")
-    prep_seconds = time.perf_counter() - t0
-
-    config = TrainingConfig(
-        gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
-        cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
-        replay_truth=args.replay_truth, **draft_options(args),
-        init_adapter=str(args.init_adapter) if args.init_adapter else None,
-    )
-    t0 = time.perf_counter()
-    adapted = train(task, train_examples, config, output_dir=work / config.run_name())
-    train_seconds = time.perf_counter() - t0
-
-    results = {}
-    splits = (("dev", dev_examples, args.train_data), ("test-clean", test_examples, args.test_data))
-    for split, examples, subset in splits:
-        # long-form windows have no per-window human transcript: no WER there
-        references = None if args.long_form and split == "dev" else human_transcripts(subset)
-        results[split] = [task.evaluate(adapted, examples, g, references) for g in args.eval_gammas]
-        for r in results[split]:
-            wer = f", WER {100 * r['wer']:.2f} %" if "wer" in r else ""
-            logging.info(
-                "%s γ=%d: %.3f tokens/forward, %d mismatches%s", split, r["gamma"], r["tokens_per_forward"], r["mismatches"], wer
-            )
     if args.long_form:
         data = {
             "train": f"{args.train_data.name}: {len(train_files)} chapters joined (≤ {args.chapter_seconds:.0f} s each), "
@@ -200,20 +247,7 @@ def main(argv=None) -> int:
             "dev": f"{args.train_data.name}: {len(dev_files)} utterances of speakers {args.dev_speakers}",
             "targets": "the base model's own greedy transcripts (no human transcripts)",
         }
-    card = {
-        "base_model": args.model,
-        "base_weights_sha256": bundle.weights_sha256,
-        "lora": {"rank": args.rank, "alpha": args.rank, "target_modules": LORA.target_modules},
-        "training": asdict(config),
-        "data": data,
-        "wall_seconds": {"prepare": round(prep_seconds), "train": round(train_seconds)},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
-        "torch": torch.__version__,
-        "tokens_per_forward": results,
-    }
-    task.export(adapted, output, card)
-    print(json.dumps(results, indent=2))
-    return 0
+    return bundle, train_examples, dev_examples, test_examples, data, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

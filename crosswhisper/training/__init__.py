@@ -30,17 +30,20 @@ computed once (`prepare_examples`) and cached on disk: this is what makes CPU tr
                (encoder-decoder, audio), `LMTask` (decoder-only text), `as_task`
     loop.py    `distillation_step` (the weighted loss), `train` (checkpoints, resumption,
                warm start from a saved adapter of a lower rank)
+    distributed.py  `Processes`: data-parallel training under `accelerate launch` (gradients
+               averaged over the processes, per-rank draws; accelerate imported only then)
 
 The loop is model-agnostic: a model enters through its `DistillationTask`.
 """
 
 from .config import DRAFT_FIELDS, TrainingConfig, add_draft_arguments, draft_options
 from .data import Example, ReplayBuffer, prepare_examples, prepare_lm_examples
+from .distributed import Processes
 from .loop import distillation_step, reused_slots, suffix_weights, train
 from .tasks import DistillationTask, LMTask, WhisperTask, as_task
 
 __all__ = [
-    "DRAFT_FIELDS", "DistillationTask", "Example", "LMTask", "ReplayBuffer", "TrainingConfig", "WhisperTask",
+    "DRAFT_FIELDS", "DistillationTask", "Example", "LMTask", "Processes", "ReplayBuffer", "TrainingConfig", "WhisperTask",
     "add_draft_arguments", "as_task", "distillation_step", "draft_options", "prepare_examples",
     "prepare_lm_examples", "reused_slots", "suffix_weights", "train",
 ]

@@ -1,5 +1,6 @@
 """The distillation loop: one step's loss (`distillation_step`), the run with checkpoints and
-resumption (`train`), and warm starts from a saved adapter."""
+resumption (`train`, on one process or data-parallel on several: `distributed.py`), and warm
+starts from a saved adapter."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from ..lora import AdaptedModel, check_adapter_record
 from ..whisper import WhisperBundle
 from .config import TrainingConfig
 from .data import Example, ReplayBuffer, _previous_block_drafts
+from .distributed import Processes, rank_seed
 from .tasks import DistillationTask, as_task
 
 logger = logging.getLogger(__name__)
@@ -156,15 +158,25 @@ def train(
     *,
     output_dir: Path,
     resume: bool = True,
+    processes: Optional[object] = None,
 ) -> AdaptedModel:
-    """Train a LoRA adapter with checkpoints in output_dir/checkpoint (resumed when present)."""
+    """Train a LoRA adapter with checkpoints in output_dir/checkpoint (resumed when present).
+
+    `processes`: a `distributed.Processes` or an accelerate `Accelerator`; by default one
+    process, or the launched ones when WORLD_SIZE > 1 (`accelerate launch`, torchrun). Several
+    processes train data-parallel: each draws its own utterances (its generator is seeded
+    from config.seed and its rank; rank 0 draws as a single process would), the gradients are
+    averaged before clipping (one optimizer step sees processes × utterances_per_step
+    utterances), the main process writes the checkpoints (every rank's generator and replay
+    buffer in it), and a resume needs the same number of processes."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     task = as_task(task)
+    processes = Processes.from_environment(processes)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(rank_seed(config.seed, processes.rank))
     adapted = task.new_adapter(config.rank, config.seed)
     if config.init_adapter:
         _warm_start(task, adapted, Path(config.init_adapter))
@@ -185,19 +197,27 @@ def train(
         wanted = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every") and k in stored}
         if stored != wanted:
             raise ValueError(f"{checkpoint} holds a run with another configuration ({stored}); use another output_dir")
+        saved_processes = state.get("processes", 1)
+        if saved_processes != processes.count:
+            raise ValueError(
+                f"{checkpoint} holds a run of {saved_processes} process(es), this one has {processes.count}: "
+                "resume it with as many processes (each one's draws are in it), or use another output_dir"
+            )
 
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        replay.predictions = state["replay"]
-        replay.alternatives = state.get("replay_alternatives", replay.alternatives)
-        generator.set_state(state["generator"])
+        own = state["ranks"][processes.rank] if processes.count > 1 else state
+        replay.predictions = own["replay"]
+        replay.alternatives = own.get("replay_alternatives", replay.alternatives)
+        generator.set_state(own["generator"])
         step = state["step"]
-        logger.info("resumed from step %d", step)
+        if processes.is_main:
+            logger.info("resumed from step %d", step)
 
     order = list(range(len(examples)))
     started = time.perf_counter()
-    progress = tqdm(total=config.steps, initial=step, desc="distillation", unit="step")
+    progress = tqdm(total=config.steps, initial=step, desc="distillation", unit="step", disable=not processes.is_main)
     while step < config.steps:
         optimizer.zero_grad(set_to_none=True)
         stats = []
@@ -206,6 +226,7 @@ def train(
             loss, info = distillation_step(task, adapted, example, replay, config, generator)
             (loss / config.utterances_per_step).backward()
             stats.append((loss.item(), info["hits"], info["run"]))
+        processes.mean_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -217,20 +238,24 @@ def train(
             run=f"{sum(s[2] for s in stats) / len(stats):.2f}",
         )
         if step % config.checkpoint_every == 0 or step == config.steps:
-            checkpoint.mkdir(parents=True, exist_ok=True)
-            state = {
-                "adapter": get_peft_model_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "replay": replay.predictions,
-                "replay_alternatives": replay.alternatives,
-                "generator": generator.get_state(),
-                "step": step,
-                "config": asdict(config),
-            }
-            torch.save(state, checkpoint / "state.partial")
-            (checkpoint / "state.partial").replace(checkpoint / "state.pt")
+            own = {"replay": replay.predictions, "replay_alternatives": replay.alternatives, "generator": generator.get_state()}
+            ranks = processes.gather(own)  # every process's draws (all of them take part)
+            processes.check_identical(params)
+            if processes.is_main:
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                state = {
+                    "adapter": get_peft_model_state_dict(model),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    **(own if processes.count == 1 else {"ranks": ranks}),  # rank r resumes from ranks[r]
+                    "step": step,
+                    "config": asdict(config),
+                    "processes": processes.count,
+                }
+                torch.save(state, checkpoint / "state.partial")
+                (checkpoint / "state.partial").replace(checkpoint / "state.pt")
     progress.close()
     model.eval()
-    logger.info("trained %d steps in %.0f s (this run)", config.steps, time.perf_counter() - started)
+    if processes.is_main:
+        logger.info("trained %d steps in %.0f s (this run)", config.steps, time.perf_counter() - started)
     return adapted
