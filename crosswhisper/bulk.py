@@ -52,8 +52,8 @@ class Job:
 def collect_jobs(inputs: Sequence[PathLike] = (), *, manifest: Optional[PathLike] = None) -> list[Job]:
     """Files as given, folders searched recursively for audio/video (their structure is kept under
     the output folder), and a manifest's lines (one path per line, relative to the manifest's
-    folder; blank lines and # comments skipped). Raises ValueError for a missing input or for two
-    inputs whose transcripts would overwrite each other."""
+    folder; blank lines and # comments skipped). Raises ValueError for an unreadable manifest or for
+    two inputs whose transcripts would overwrite each other."""
     jobs: list[Job] = []
     paths = [Path(p) for p in inputs]
     if manifest is not None:
@@ -73,10 +73,8 @@ def collect_jobs(inputs: Sequence[PathLike] = (), *, manifest: Optional[PathLike
             if not found:
                 logger.warning("no audio or video files under %s", path)
             jobs += [Job(p, p.parent.relative_to(path)) for p in found]
-        elif path.exists():
+        else:  # a missing file fails when it is read, as an unreadable one: the others still run
             jobs.append(Job(path))
-        else:
-            raise ValueError(f"no such file or folder: {path}")
     seen: dict[Path, Path] = {}
     for job in jobs:
         target = job.subdir / job.audio.stem
