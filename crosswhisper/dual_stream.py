@@ -51,6 +51,7 @@ import weakref
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .decoding import BlockOutput
@@ -134,22 +135,33 @@ class _Projection:
 _PROJECTIONS: "weakref.WeakKeyDictionary[nn.Module, _Projection]" = weakref.WeakKeyDictionary()
 
 
-def project(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+def project(hidden: torch.Tensor, lm_head: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Output projection of [B, K, d] hidden states onto the vocabulary.
 
     The vocabulary projection is the largest single cost of a decoder call on a CPU, and the
     fastest BLAS layout for it depends on the number of rows: at inference each row count is
-    timed once (`_Projection`) and its fastest layout reused.
+    timed once (`_Projection`) and its fastest layout reused. `dtype` (e.g. bfloat16): the
+    product in that type (a copy of the weight, made once), returned as float32 logits; each
+    row's logits do not depend on the other rows (what lossless drafting needs: tested).
     """
     weight = lm_head.weight
     if torch.is_grad_enabled():
         return lm_head(hidden)
+    if dtype is not None and dtype != weight.dtype:
+        low = _LOW_PRECISION_WEIGHTS.get(lm_head)
+        if low is None or low.dtype != dtype or low.device != weight.device:
+            low = _LOW_PRECISION_WEIGHTS[lm_head] = weight.detach().to(dtype)
+        logits = F.linear(hidden.to(dtype), low).float()
+        return logits if getattr(lm_head, "bias", None) is None else logits + lm_head.bias
     projection = _PROJECTIONS.get(lm_head)
     if projection is None or projection.weight.device != weight.device or projection.weight.dtype != weight.dtype:
         projection = _PROJECTIONS[lm_head] = _Projection(weight)
     B, K, d = hidden.shape
     logits = projection(hidden.reshape(B * K, d)).view(B, K, -1)
     return logits if getattr(lm_head, "bias", None) is None else logits + lm_head.bias
+
+
+_LOW_PRECISION_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
 STREAM_ATTENTION = "crosswhisper-streams"  # attention implementation name (transformers registry)
@@ -375,6 +387,7 @@ class HFDualStream:
     observe_index: a position of the prompt whose raw (unprocessed) control-stream logits are
         kept in `observed_logits` when the first block computes it (Whisper's no-speech
         probability is read at <|startoftranscript|>)
+    head_dtype: the vocabulary projection's compute type (`project`); None: the weight's
     """
 
     def __init__(
@@ -389,11 +402,13 @@ class HFDualStream:
         max_length: int,
         placeholder_id: Optional[int] = None,
         observe_index: Optional[int] = None,
+        head_dtype: Optional[torch.dtype] = None,
     ):
         if drafting and gate is None:
             raise ValueError("drafting needs a model with an adapter (a StreamGate)")
         self.decoder = decoder
         self.lm_head = lm_head
+        self.head_dtype = head_dtype
         self.encoder_hidden_states = encoder_hidden_states
         self.process_logits = process_logits
         self.gate = gate
@@ -501,9 +516,9 @@ class HFDualStream:
         self._block = block.shape[1]
         if self.observe_index is not None and past <= self.observe_index < past + r:
             at = self.observe_index - past
-            self.observed_logits = project(hidden[CONTROL : CONTROL + 1, at : at + 1], self.lm_head)[0, 0]
+            self.observed_logits = project(hidden[CONTROL : CONTROL + 1, at : at + 1], self.lm_head, self.head_dtype)[0, 0]
         # only the last pending token and the drafts predict something we need
-        logits = project(hidden[:, r - 1 : L], self.lm_head)
+        logits = project(hidden[:, r - 1 : L], self.lm_head, self.head_dtype)
         token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
         self._block_tokens = block[0, :L]
         self._tokens = self._tokens.to(device)

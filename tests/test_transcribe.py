@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import crosswhisper
 from crosswhisper import AudioError, transcribe
@@ -137,3 +138,34 @@ def test_cli_console_script(tmp_path, test_clean):
 
 def test_cli_unknown_model(tmp_path, test_clean):
     assert cli_main([str(test_clean[0][1]), "--model", str(tmp_path / "no-such-model")]) == 2
+
+
+@pytest.mark.parametrize("model", ["tiny.en", pytest.param("base", marks=pytest.mark.slow)])
+def test_bfloat16_compute_type_drafts_losslessly(model, test_clean, longform):
+    """compute_type="bfloat16" (encoder and vocabulary projection in bfloat16): drafting is
+    token-identical to our greedy loop (gamma=0) at the same compute type, on the test-clean
+    clips and a 40 s long-form excerpt; the transcripts stay as good as float32's."""
+    from crosswhisper.audio import load_audio
+    from crosswhisper.whisper.loading import run_encoder, with_compute_type
+    from crosswhisper.whisper.transcribe import get_bundle
+
+    bundle = get_bundle(model)
+    low = with_compute_type(bundle, "bfloat16")
+    assert with_compute_type(bundle, "bfloat16") is low and with_compute_type(low, "float32") is bundle
+    features = torch.zeros(1, bundle.model.config.num_mel_bins, 3000)
+    assert not torch.equal(run_encoder(low, features), run_encoder(bundle, features))  # the bfloat16 encoder runs
+
+    audio, _ = longform
+    inputs = [path for _, path, _ in test_clean] + [load_audio(audio)[: 40 * 16000]]
+    hypotheses = {}
+    for ct in ("float32", "bfloat16"):
+        for gamma in (0, None):
+            hypotheses[ct, gamma] = [transcribe(x, model=bundle, compute_type=ct, gamma=gamma) for x in inputs]
+        drafted, greedy = hypotheses[ct, None], hypotheses[ct, 0]
+        assert [[s.tokens for s in r.segments] for r in drafted] == [[s.tokens for s in r.segments] for r in greedy], ct
+        assert sum(r.stats.tokens_per_forward for r in drafted) / len(drafted) > 1.4
+    references = [text for _, _, text in test_clean]
+    errors = {ct: word_error_rate(references, [r.text for r in hypotheses[ct, 0][:7]]) for ct in ("float32", "bfloat16")}
+    assert errors["bfloat16"] <= errors["float32"] + 0.01, errors
+    with pytest.raises(ValueError, match="compute_type"):
+        transcribe(inputs[0], model=bundle, compute_type="int3")

@@ -60,7 +60,7 @@ def _find_alignment(bundle: WhisperBundle, hidden: torch.Tensor, sot_sequence: l
     heads = alignment_heads(bundle)
     model = bundle.model
     streams = WhisperStreams(model.model.decoder, model.proj_out, hidden, process_logits=None, drafting=False,
-                             max_length=model.config.max_target_positions)
+                             max_length=model.config.max_target_positions, head_dtype=bundle.head_dtype)
     # <|startoftranscript|> [lang task] <|notimestamps|> text <|endoftext|>, as openai-whisper aligns
     tokens = [*sot_sequence, ids.no_timestamps_token_id, *text_tokens, eot]
     logits = streams.teacher_force(tokens, heads)

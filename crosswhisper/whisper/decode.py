@@ -20,7 +20,7 @@ from ..decoding import DecodeOptions, DecodeResult
 from ..dual_stream import HFDualStream
 from ..engine import ForwardCounter, decode_prompt, reference_generation_config
 from ..lora import AdaptedModel
-from .loading import WhisperBundle
+from .loading import WhisperBundle, run_encoder
 from .streams import WhisperStreams, supported
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ def validate_language(bundle: WhisperBundle, language: Optional[str]) -> Optiona
 def encode(bundle: WhisperBundle, window: np.ndarray) -> torch.Tensor:
     """Log-mel features of one ≤30 s window → encoder hidden states [1, frames, d_model]."""
     features = bundle.feature_extractor(window, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-    features = features.to(bundle.model.device, bundle.model.dtype)
-    with torch.inference_mode():
-        return bundle.model.get_encoder()(features).last_hidden_state
+    return run_encoder(bundle, features.to(bundle.model.device))
 
 
 def generate_greedy(
@@ -209,7 +207,7 @@ def dual_streams(
     if not (branches and drafting) and supported(decoder):
         return WhisperStreams(
             decoder, whisper.proj_out, encoder_hidden_states, process_logits=process,
-            drafting=drafting, max_length=max_length, observe_index=observe_index,
+            drafting=drafting, max_length=max_length, observe_index=observe_index, head_dtype=bundle.head_dtype,
         )
     return HFDualStream(
         decoder,
@@ -221,6 +219,7 @@ def dual_streams(
         max_length=max_length,
         placeholder_id=special_id(bundle, "<|endoftext|>"),
         observe_index=observe_index,
+        head_dtype=bundle.head_dtype,
     )
 
 

@@ -15,6 +15,8 @@ cached (keyed by the sha256 of model.bin) so that only the first load pays for i
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,12 @@ class ModelNotAvailableError(OSError):
     """The model name is neither bundled, nor a local model directory, nor loadable from the hub."""
 
 
+# compute types of `transcribe(compute_type=...)`, faster-whisper's names. "bfloat16": the
+# encoder and the vocabulary projection (the costly matmuls of a CPU call) multiply in
+# bfloat16 (AMX / AVX-512-BF16 on recent x86 CPUs), the rest of the decoder stays float32
+COMPUTE_TYPES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: compare bundles by identity, not by weights
 class WhisperBundle:
     """Everything needed to run one Whisper model with transformers."""
@@ -75,10 +84,48 @@ class WhisperBundle:
     name: str  # what the caller asked for, e.g. "tiny.en" or a path
     source: str  # the directory the weights came from (or the hub id)
     weights_sha256: str | None  # sha256 of the CTranslate2 model.bin, None for transformers weights
+    # COMPUTE_TYPES: how the encoder and our decoding loop's vocabulary projection multiply
+    # (`with_compute_type` makes the variant; the weights are shared)
+    compute_type: str = "float32"
 
     @property
     def lora_recipe(self) -> LoraRecipe:
         return LORA
+
+    @property
+    def head_dtype(self) -> torch.dtype | None:
+        """The vocabulary projection's compute type in our loop (None: the weights')."""
+        return torch.bfloat16 if self.compute_type == "bfloat16" else None
+
+
+_VARIANTS: "weakref.WeakKeyDictionary[WhisperForConditionalGeneration, dict]" = weakref.WeakKeyDictionary()
+_LOW_PRECISION_ENCODERS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle:
+    """The bundle computing in `compute_type` (one object per model and type: adapters and
+    caches keyed by the bundle are reused)."""
+    if compute_type not in COMPUTE_TYPES:
+        raise ValueError(f"compute_type must be one of {', '.join(COMPUTE_TYPES)}, not {compute_type!r}")
+    if compute_type == bundle.compute_type:
+        return bundle
+    variants = _VARIANTS.setdefault(bundle.model, {bundle.compute_type: bundle})
+    if compute_type not in variants:
+        variants[compute_type] = dataclasses.replace(bundle, compute_type=compute_type)
+    return variants[compute_type]
+
+
+def run_encoder(bundle: WhisperBundle, features: torch.Tensor) -> torch.Tensor:
+    """Log-mel features [1, n_mels, frames] → encoder hidden states [1, frames / 2, d_model]
+    (float32 whatever the compute type: the decoder reads them as float32)."""
+    encoder = bundle.model.get_encoder()
+    with torch.inference_mode():
+        if bundle.compute_type == "bfloat16" and encoder.conv1.weight.dtype != torch.bfloat16:
+            low = _LOW_PRECISION_ENCODERS.get(encoder)
+            if low is None:
+                low = _LOW_PRECISION_ENCODERS[encoder] = copy.deepcopy(encoder).to(torch.bfloat16)
+            return low(features.to(torch.bfloat16)).last_hidden_state.float()
+        return encoder(features.to(bundle.model.dtype)).last_hidden_state
 
 
 def load_whisper(

@@ -32,7 +32,7 @@ from ..audio import SAMPLE_RATE, AudioInput, load_audio
 from ..results import Segment, StatsCounter, Transcription
 from .alignment import add_word_timestamps
 from .decode import decoder_prompt, detect_language, is_multilingual, validate_language
-from .loading import WhisperBundle
+from .loading import WhisperBundle, run_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ def window_features(features, seek: int) -> torch.Tensor:
 
 def encode_window(bundle: WhisperBundle, window: torch.Tensor) -> torch.Tensor:
     """One window's log-mel [1, n_mels, 3000] → encoder hidden states [1, 1500, d_model]."""
-    with torch.inference_mode():
-        return bundle.model.get_encoder()(window).last_hidden_state
+    return run_encoder(bundle, window)
 
 
 # ---------------------------------------------------------------------------------------------

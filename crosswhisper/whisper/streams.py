@@ -160,7 +160,7 @@ class WhisperStreams:
     decoder: the `WhisperDecoder` (its LoRA layers, if any, are the predictive stream's delta)
     lm_head: the output projection
     encoder_hidden_states: [1, 1500, d_model] of the window
-    process_logits, max_length, observe_index: as `HFDualStream`'s
+    process_logits, max_length, observe_index, head_dtype: as `HFDualStream`'s
     drafting: run the predictive stream too (γ ≥ 1 needs it)
     """
 
@@ -174,8 +174,10 @@ class WhisperStreams:
         drafting: bool,
         max_length: int,
         observe_index: Optional[int] = None,
+        head_dtype: Optional[torch.dtype] = None,
     ):
         self.weights = _decoder(decoder)
+        self.head_dtype = head_dtype
         if drafting and not any(layer.q.lora_a_t is not None for layer in self.weights.layers):
             raise ValueError("drafting needs a decoder with an adapter (LoRA layers)")
         self.lm_head = lm_head
@@ -260,12 +262,12 @@ class WhisperStreams:
         self._block = L
         if self.observe_index is not None and past <= self.observe_index < past + r:
             at = self.observe_index - past
-            self.observed_logits = project(hidden[:, at : at + 1], self.lm_head)[0, 0]
+            self.observed_logits = project(hidden[:, at : at + 1], self.lm_head, self.head_dtype)[0, 0]
         # the last pending token and the drafts predict what we need: P_1..P_{γ+1} and Q_1..Q_{γ+1}
         rows = hidden[:, r - 1 : L]
         if P:
             rows = torch.cat([rows, hidden[:, L:]])  # [2, γ+1, d]: CONTROL, PREDICTIVE
-        logits = project(rows, self.lm_head)
+        logits = project(rows, self.lm_head, self.head_dtype)
         token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
         self._block_tokens = block[0]
         sequence = torch.cat([self._tokens, self._block_tokens])
@@ -322,7 +324,7 @@ class WhisperStreams:
         causal = self._mask(0, T, 0, self.weights.embed_tokens.dtype, device)  # T pending tokens, no drafts
         self.captured = {}
         hidden = self._run(ids, torch.arange(T, device=device), 0, causal, None, capture)
-        return project(hidden, self.lm_head)[0]
+        return project(hidden, self.lm_head, self.head_dtype)[0]
 
     def commit(self, keep: int) -> None:
         """Keep the first `keep` tokens of the last block (their control keys/values are already

@@ -22,7 +22,7 @@ from ..engine import default_gamma, sampling_generator
 from ..lora import AdaptedModel, AdapterArgument, resolve_adapter
 from ..results import Segment, Transcription
 from .decode import decode_window, validate_language
-from .loading import WhisperBundle, load_whisper
+from .loading import COMPUTE_TYPES, WhisperBundle, load_whisper, with_compute_type
 from .longform import LongFormOptions, ReferenceDecoder, WindowTokens, transcribe_long_form
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,18 @@ class TranscribeOptions(LongFormOptions):
     beam_size: int = field(default=1, metadata={
         "help": "beam search with this many beams at temperature 0 (default 1: greedy, drafted; "
                 "> 1 runs transformers' beam search, not accelerated)"})
+    # how the encoder and the vocabulary projection multiply (loading.COMPUTE_TYPES); lossless
+    # drafting is token-identical to greedy (gamma=0) at the same compute type
+    compute_type: str = field(default="float32", metadata={
+        "help": "float32 (default), or bfloat16: encoder and vocabulary projection in bfloat16 "
+                "(fast on CPUs with AMX/AVX-512-BF16), the rest float32", "choices": COMPUTE_TYPES})
     # seeds the sampler of the fallback temperatures (> 0) for reproducible output
     seed: Optional[int] = field(default=None, metadata={"help": "seed for sampling (temperatures > 0)"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.compute_type not in COMPUTE_TYPES:
+            raise ValueError(f"compute_type must be one of {', '.join(COMPUTE_TYPES)}, not {self.compute_type!r}")
         if int(self.beam_size) != self.beam_size or self.beam_size < 1:
             raise ValueError(f"beam_size must be an integer ≥ 1, not {self.beam_size!r}")
         self.decode_options("cpu")  # refuse bad values before anything is loaded
@@ -167,7 +174,7 @@ def transcribe(
     decode_options = options.decode_options(device)
     if adapter is not None and decode_options.gamma < 1:
         logger.info("gamma=0: no drafting, our own autoregressive loop")
-    bundle = get_bundle(model, device=device)
+    bundle = with_compute_type(get_bundle(model, device=device), options.compute_type)
     validate_language(bundle, options.language)  # before an adapter is loaded
     reference = adapter is None and decode_options.gamma > 0
     generator = sampling_generator(max(options.temperature), options.seed, device, reference=reference)
