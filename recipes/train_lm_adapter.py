@@ -38,7 +38,7 @@ import torch
 
 from crosswhisper.lm import DEFAULT_LM, load_lm
 from crosswhisper.training import (
-    LMTask, Processes, TrainingConfig, add_draft_arguments, draft_options, prepare_lm_examples, train,
+    LMTask, Processes, TrainingConfig, add_draft_arguments, config_from_arguments, prepare_lm_examples, train,
 )
 from crosswhisper.whisper.cache import cache_dir
 
@@ -130,18 +130,11 @@ def main(argv=None) -> int:
         )
     prep_seconds = time.perf_counter() - t0
 
-    config = TrainingConfig(
-        gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
-        cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
-        replay_truth=args.replay_truth, **draft_options(args),
-        init_adapter=str(args.init_adapter) if args.init_adapter else None, checkpoint_every=args.checkpoint_every,
-    )
+    config = config_from_arguments(args)
     t0 = time.perf_counter()
     adapted = train(task, train_examples, config, output_dir=work / config.run_name(), processes=processes)
     train_seconds = time.perf_counter() - t0
-    processes.wait()
-    if not processes.is_main:  # every process holds the same adapter: the main one evaluates and exports it
-        processes.close()
+    if not processes.main_only():  # every process holds the same adapter: the main one evaluates and exports it
         return 0
 
     results = [task.evaluate(adapted, dev_examples, g) for g in args.eval_gammas]

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from crosswhisper.training import (
-    Processes, TrainingConfig, WhisperTask, add_draft_arguments, draft_options, prepare_examples, train,
+    Processes, TrainingConfig, WhisperTask, add_draft_arguments, config_from_arguments, prepare_examples, train,
 )
 from crosswhisper.training.data import prepare_long_form_examples
 from crosswhisper.whisper import LORA, get_bundle
@@ -151,18 +151,11 @@ def main(argv=None) -> int:
     work = args.work_dir or cache_dir() / "training" / args.model
     output = args.output or ROOT / "crosswhisper" / "adapters" / args.model
 
-    config = TrainingConfig(
-        gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
-        cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
-        replay_truth=args.replay_truth, **draft_options(args),
-        init_adapter=str(args.init_adapter) if args.init_adapter else None, checkpoint_every=args.checkpoint_every,
-    )
+    config = config_from_arguments(args)
     t0 = time.perf_counter()
     adapted = train(task, train_examples, config, output_dir=work / config.run_name(), processes=processes)
     train_seconds = time.perf_counter() - t0
-    processes.wait()
-    if not processes.is_main:  # every process holds the same adapter: the main one evaluates and exports it
-        processes.close()
+    if not processes.main_only():  # every process holds the same adapter: the main one evaluates and exports it
         return 0
 
     results = {}

@@ -36,13 +36,14 @@ computed once (`prepare_examples`) and cached on disk: this is what makes CPU tr
 The loop is model-agnostic: a model enters through its `DistillationTask`.
 """
 
-from .config import DRAFT_FIELDS, TrainingConfig, add_draft_arguments, draft_options
+from .config import DRAFT_FIELDS, TrainingConfig, add_draft_arguments, config_from_arguments, draft_options
 from .data import Example, ReplayBuffer, prepare_examples, prepare_lm_examples
 from .distributed import Processes
 from .loop import distillation_step, reused_slots, suffix_weights, train
 from .tasks import DistillationTask, LMTask, WhisperTask, as_task
 
 __all__ = [
+    "config_from_arguments",
     "DRAFT_FIELDS", "DistillationTask", "Example", "LMTask", "Processes", "ReplayBuffer", "TrainingConfig", "WhisperTask",
     "add_draft_arguments", "as_task", "distillation_step", "draft_options", "prepare_examples",
     "prepare_lm_examples", "reused_slots", "suffix_weights", "train",

@@ -109,3 +109,13 @@ def add_draft_arguments(parser) -> None:
 def draft_options(args) -> dict:
     """The DRAFT_FIELDS of TrainingConfig from arguments parsed with `add_draft_arguments`."""
     return {name: getattr(args, name) for name in DRAFT_FIELDS}
+
+
+def config_from_arguments(args) -> TrainingConfig:
+    """The TrainingConfig of a recipe's command line (both recipes share these flags)."""
+    return TrainingConfig(
+        gamma=args.gamma, rank=args.rank, steps=args.steps, seed=args.seed, lr=args.lr,
+        cuts_per_utterance=args.cuts_per_utterance, utterances_per_step=args.utterances_per_step,
+        replay_truth=args.replay_truth, **draft_options(args),
+        init_adapter=str(args.init_adapter) if args.init_adapter else None, checkpoint_every=args.checkpoint_every,
+    )

@@ -123,6 +123,14 @@ class Processes:
         if len(set(digests)) > 1:
             raise RuntimeError(f"the processes' adapters diverged (weights' sha256 per rank: {digests})")
 
+    def main_only(self) -> bool:
+        """After training: every process waits for the others; the main one goes on (True), the
+        others end their process group (False: they hold the same adapter, nothing left to do)."""
+        self.wait()
+        if not self.is_main:
+            self.close()
+        return self.is_main
+
     def close(self) -> None:
         """End the process group (nothing with one process)."""
         if self.count > 1 and torch.distributed.is_initialized():
