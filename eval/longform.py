@@ -33,6 +33,7 @@ import crosswhisper
 from crosswhisper.audio import SAMPLE_RATE, load_audio
 from crosswhisper.metrics import word_error_rate
 from crosswhisper.whisper import bundled_model_dir, get_bundle
+from crosswhisper.whisper.loading import COMPUTE_TYPES
 
 GAP_SECONDS = 0.5  # silence between joined utterances
 
@@ -141,6 +142,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chapter-seconds", type=float, default=float("inf"), help="first utterances of each chapter only")
     parser.add_argument("--compute-types", nargs="*", default=["float32", "int8"], help="faster-whisper rows")
     parser.add_argument("--gammas", nargs="*", type=int, default=[], help="extra lossless rows at these draft sizes")
+    parser.add_argument(
+        "--our-compute-types", nargs="*", default=[], choices=[ct for ct in COMPUTE_TYPES if ct != "float32"],
+        help="also our own loop and lossless at these compute types (their exactness reference: our own loop at the same type)",
+    )
     parser.add_argument("--output", type=Path, default=Path("results/longform.json"))
     parser.add_argument(
         "--fallback", action=argparse.BooleanOptionalAction, default=True,
@@ -189,6 +194,14 @@ def main(argv=None) -> int:
     systems = {"transformers long-form generate": transformers_run, "crosswhisper own loop (gamma=0)": ours(gamma=0),
                "crosswhisper lossless (shipped adapter)": ours()}
     systems.update({f"crosswhisper lossless gamma={g}": ours(gamma=g) for g in args.gammas})
+    # at another compute type the tokens are compared with our own loop at that type
+    exactness_reference = {}
+    for ct in args.our_compute_types:
+        loop, drafted = f"crosswhisper own loop (gamma=0) {ct}", f"crosswhisper lossless (shipped adapter) {ct}"
+        systems.update({loop: ours(gamma=0, compute_type=ct), drafted: ours(compute_type=ct)})
+        systems.update({f"crosswhisper lossless gamma={g} {ct}": ours(gamma=g, compute_type=ct) for g in args.gammas})
+        exactness_reference.update({name: loop for name in systems if name.endswith(f" {ct}")})
+        exactness_reference[loop] = None
     systems.update({f"faster-whisper {ct}": faster_whisper(m) for ct, m in ct2.items()})
     warm = files[0][1][: 35 * SAMPLE_RATE]
     for run in systems.values():  # warm-up: first calls allocate, time kernels, load adapters
@@ -208,21 +221,24 @@ def main(argv=None) -> int:
         print(f"{name_file}: done")
 
     references = [reference for _, _, reference in files]
-    reference_tokens = rows["transformers long-form generate"]["tokens"]
+    transformers_tokens = rows["transformers long-form generate"]["tokens"]
     report = {"model": args.model, "fallback": args.fallback, "files": [n for n, _, _ in files], "audio_seconds": audio_seconds,
               "machine": machine_info("cpu"), "systems": {}}
-    print("\n| system | WER % | RTFx | tokens / forward | mismatched files vs transformers |\n|---|---:|---:|---:|---:|")
+    print("\n| system | WER % | RTFx | tokens / forward | mismatched files vs transformers (*: vs our own loop at that compute type) |"
+          "\n|---|---:|---:|---:|---:|")
     for name, row in rows.items():
         wer = word_error_rate(references, row["texts"])
-        mismatched = None
-        if row["tokens"][0] is not None and name != "transformers long-form generate":
+        mismatched, against = None, exactness_reference.get(name, "transformers long-form generate")
+        if row["tokens"][0] is not None and against is not None and name != against:
             # transformers' sequences hold the tokens of every segment: compare those
-            mismatched = sum(a != b for a, b in zip(row["tokens"], reference_tokens))
+            mismatched = sum(a != b for a, b in zip(row["tokens"], rows[against]["tokens"]))
         per_forward = row["generated"] / row["calls"] if row["generated"] else None
         report["systems"][name] = {"wer": wer, "rtfx": audio_seconds / row["seconds"], "seconds": row["seconds"],
-                                   "tokens_per_forward": per_forward, "mismatched_files": mismatched}
+                                   "tokens_per_forward": per_forward, "mismatched_files": mismatched,
+                                   "mismatches_against": against if mismatched is not None else None}
         print(f"| {name} | {100 * wer:.2f} | {audio_seconds / row['seconds']:.1f} | "
-              f"{'' if per_forward is None else f'{per_forward:.2f}'} | {'' if mismatched is None else mismatched} |")
+              f"{'' if per_forward is None else f'{per_forward:.2f}'} | "
+              f"{'' if mismatched is None else mismatched}{'*' if name in exactness_reference and mismatched is not None else ''} |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
