@@ -296,7 +296,8 @@ def transcribe_files(
         _quiet_ray(verbose)
         device, actors, per_actor = _pool_size(workers, threads, device)
         logger.info("%d file(s) on %d actor(s), device %s", len(todo), actors, device)
-        rows = [{"audio": str(job.audio), "subdir": str(job.subdir)} for job in todo]
+        # absolute paths: Ray's workers do not run in this process's working directory
+        rows = [{"audio": str(job.audio.absolute()), "subdir": str(job.subdir)} for job in todo]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         # reading is light beside the model: it takes no CPU slot from the transcribers, and a
         # few reading workers keep them fed (every extra worker is a process to start)

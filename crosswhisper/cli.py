@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .bulk import collect_jobs
+from .bulk import collect_jobs, transcribe_files
 from .decoding import DecodeOptions
 from .engine import default_gamma
 from .lora import resolve_adapter
@@ -171,8 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _bulk_main(args: argparse.Namespace, adapter, options: TranscribeOptions) -> int:
     """--ray: the files on Ray Data (`bulk.transcribe_files`). Exit status 0 when every file has its
     transcripts, 1 when some failed (in this run or an earlier one), 2 when nothing could run."""
-    from .bulk import transcribe_files
-
     try:
         report = transcribe_files(
             args.files, manifest=args.manifest, output_dir=args.output_dir, output_format=args.output_format,

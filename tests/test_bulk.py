@@ -103,10 +103,11 @@ def test_ray_bulk_matches_plain_cli_resumes_and_records_failures(tmp_path):
     assert len(expected) == good
 
     out = tmp_path / "ray"
-    command = [sys.executable, "-m", "crosswhisper.cli", str(source), "--ray", "-o", str(out), *common]
+    # relative paths, as a user types them: Ray's workers run elsewhere
+    command = [sys.executable, "-m", "crosswhisper.cli", source.name, "--ray", "-o", out.name, *common]
     env = {**os.environ, "RAY_ADDRESS": ""}  # a local cluster of its own, whatever the environment says
     # 1. killed (the whole process group, Ray's processes included) once two files are written
-    job = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while len(list(out.rglob("*.txt"))) < 2:
         assert job.poll() is None, job.stdout.read().decode()
@@ -125,7 +126,7 @@ def test_ray_bulk_matches_plain_cli_resumes_and_records_failures(tmp_path):
     assert 2 <= len(finished) < good, "the kill came too late to test resumption"
 
     # 2. the rerun does the rest only
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 1, rerun.stderr  # 1: not every file has its transcripts
     # the broken file failed in the killed run (then left alone) or in this one
     assert f"{good - len(finished)} transcribed, {len(finished)} already done, " in rerun.stderr
