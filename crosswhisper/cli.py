@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in ("workers", "threads"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be ≥ 1")
-        jobs = collect_jobs(args.files, manifest=args.manifest)
+        # --ray: transcribe_files collects (and checks) the inputs itself, before starting Ray
+        jobs = collect_jobs(args.files, manifest=args.manifest) if args.ray is None else None
     except (ValueError, RuntimeError) as error:  # RuntimeError: torch does not know --device
         parser.error(str(error))
     if args.ray is not None:
