@@ -217,6 +217,13 @@ class DraftBuffer:
     def gamma(self) -> int:
         return self.tokens.shape[1]
 
+    def select(self, rows) -> None:
+        """Keep only these rows, in this order (finished sequences leave a batch)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.tokens.device)
+        self.tokens, self.valid = self.tokens[index], self.valid[index]
+        if self.q_hat is not None:
+            self.q_hat = self.q_hat[index]
+
     def fill(self, new_tokens: torch.Tensor, new_q: Optional[torch.Tensor], *, row: int = 0) -> None:
         """Replace row `row` by fresh drafts for slots 1..m (`new_tokens` [m], `new_q` [m, V]);
         the slots after m stay empty."""

@@ -3,7 +3,7 @@
 A model plugs in through `DualStreamModel`: Whisper (`dual_stream.py` + `whisper.py`) and
 decoder-only text LMs implement it; this module imports neither transformers nor Whisper.
 
-One iteration, for one row:
+One iteration, for each row of the batch (`decode_batch`; `decode` is the batch of one):
 
     1. forward once over [pending committed tokens, d_1 … d_γ]:
          control stream → P_1 … P_{γ+1},  predictive stream → Q_1 … Q_{γ+1}
@@ -45,8 +45,10 @@ class DualStreamModel(Protocol):
     max_length: int  # positions the model can hold (prompt + generated tokens)
     length: int  # committed tokens already in the caches
 
-    def reset(self, batch: int) -> None:
-        """Start new sequences: empty caches."""
+    def reset(self, batch: int, padding: Optional[Sequence[int]] = None) -> None:
+        """Start `batch` new sequences: empty caches. `padding` (batch > 1): how many placeholder
+        tokens each row's first block starts with (prompts of different lengths, left-padded);
+        the model never attends to them."""
 
     def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor, *, branches: bool = False) -> BlockOutput:
         """One call of both streams over [pending [B, r], drafts [B, γ]] (γ may be 0).
@@ -59,9 +61,12 @@ class DualStreamModel(Protocol):
         when the model supports them and they fit; otherwise they are None.
         """
 
-    def commit(self, keep: int) -> None:
-        """Keep the first `keep` tokens of the last block (pending + accepted drafts) in the caches
-        (0: drop the whole block)."""
+    def commit(self, keep: Union[int, Sequence[int]]) -> None:
+        """Keep the first `keep` tokens of the last block (pending + accepted drafts, padding not
+        counted) in the caches (0: drop the whole block); with batch > 1, one count per row."""
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows of the batch, in this order (finished rows leave; batch > 1)."""
 
 
 @dataclass(frozen=True)
@@ -130,26 +135,67 @@ def decode(
     token-identical to greedy at T = 0, and distributed as ancestral sampling at T > 0.
     `eos_token_id`: the token, or tokens, that end the sequence (kept in the output).
     """
+    return decode_batch(
+        model, [prompt], options=options, eos_token_id=eos_token_id, placeholder_id=placeholder_id,
+        generator=generator, device=device,
+    )[0]
+
+
+def decode_batch(
+    model: DualStreamModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    options: DecodeOptions,
+    eos_token_id: Union[int, Sequence[int]],
+    placeholder_id: int,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> list[DecodeResult]:
+    """Decode B sequences at once (DESIGN §1.6), one result per prompt, in order.
+
+    Every row is `decode` of its own prompt: it accepts its own prefix, commits its own number
+    of tokens and stops on its own; a finished row leaves the batch (`model.select`). Prompts
+    of different lengths are left-padded with `placeholder_id` in the first call
+    (`model.reset(B, padding)`: the model masks the padding). Lossless greedy rows are
+    token-identical to their batch-1 decode (up to the last bits of batched float
+    arithmetic: see DESIGN §1.6); sampled rows keep their own distribution.
+    """
+    if not prompts or any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("decode_batch needs at least one prompt, none of them empty")
     stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     gamma, sampling = options.gamma, options.temperature > 0
     rule = AcceptanceRule(beta=options.beta, tau=options.tau, gamma=gamma) if gamma else None
     # the lossy greedy test judges a draft by the distribution it was taken from, so keep that too
     proposals = gamma > 0 and (sampling or not rule.lossless)
-    buffer = DraftBuffer.empty(1, gamma, model.vocab_size, placeholder=placeholder_id, proposals=proposals, device=device)
-    result = DecodeResult(tokens=[])
-    pending = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    model.reset(1)
+    batch = len(prompts)
+    buffer = DraftBuffer.empty(batch, gamma, model.vocab_size, placeholder=placeholder_id, proposals=proposals, device=device)
+    results = [DecodeResult(tokens=[]) for _ in prompts]
+    # each row's budget: the options' and the positions its prompt leaves in the model
+    budgets = [min(options.max_new_tokens, model.max_length - len(prompt)) for prompt in prompts]
+    if min(budgets) < 1:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in {model.max_length} positions")
+    width = max(len(prompt) for prompt in prompts)
+    padding = [width - len(prompt) for prompt in prompts]
+    pending = torch.tensor([[placeholder_id] * pad + list(prompt) for pad, prompt in zip(padding, prompts)],
+                           dtype=torch.long, device=device)
+    pending_real = [len(prompt) for prompt in prompts]  # pending tokens of each row, padding excluded
+    if batch == 1:
+        model.reset(1)
+    else:
+        model.reset(batch, padding=padding)
+    rows = list(range(batch))  # the prompt index of each row still in the batch
 
     while True:
-        # near the model's length limit only the drafts that still fit are verified
-        fit = min(gamma, model.max_length - model.length - pending.shape[1])
+        # near the model's length limit only the drafts that still fit are verified (the row
+        # with the fewest positions left decides for the batch; exactness does not depend on γ)
+        used = max(len(prompts[i]) + len(results[i].tokens) for i in rows)
+        fit = min(gamma, model.max_length - used)
         drafts, valid = buffer.tokens[:, :fit], buffer.valid[:, :fit]
         # a stop token that a lossy rule lets through ends the sequence early and loses every
         # word after it: lossy modes accept stop tokens only by the exact test
         exact_only = None if rule is None or rule.lossless else torch.isin(drafts, stop_tensor)
         out = model.forward_block(pending, drafts, branches=options.blank_branches)
-        result.forward_calls += 1
         P_logits = out.control_logits.float()
         if P_logits.shape[-1] != model.vocab_size:
             raise ValueError(f"model returned {P_logits.shape[-1]} logits for a vocabulary of {model.vocab_size}")
@@ -157,41 +203,53 @@ def decode(
         # (lossless T > 0: U_k ≤ p_k / q̂_k(d_k); T = 0: d_k == argmax P_k), then one token
         # from P_{n+1} (minus q̂_{n+1} after a rejection).
         if fit == 0:
-            n, next_token = 0, int(_sample(P_logits[0, :1], options.temperature, generator)[0][0])
+            n_all = torch.zeros(len(rows), dtype=torch.long)
+            next_all = _sample(P_logits[:, 0], options.temperature, generator)[0]
         elif sampling:
             P = torch.softmax(P_logits / options.temperature, dim=-1)
-            n_t, next_t = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator, exact_only)
-            n, next_token = int(n_t[0]), int(next_t[0])
+            n_all, next_all = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator, exact_only)
         else:
             q_hat = None if rule.lossless else buffer.q_hat[:, :fit]
-            n_t, next_t = verify_greedy(P_logits, drafts, valid, rule, q_hat, exact_only)
-            n, next_token = int(n_t[0]), int(next_t[0])
+            n_all, next_all = verify_greedy(P_logits, drafts, valid, rule, q_hat, exact_only)
+        n_all, next_all = n_all.tolist(), next_all.tolist()
 
-        new_tokens = buffer.tokens[0, :n].tolist() + [next_token]
-        budget = options.max_new_tokens - len(result.tokens)
-        new_tokens = new_tokens[:budget]
-        stop = next((i for i, token in enumerate(new_tokens) if token in stop_ids), None)
-        if stop is not None:
-            new_tokens = new_tokens[: stop + 1]
-        result.tokens += new_tokens
-        result.accepted[len(new_tokens)] += 1
-        if options.token_logprobs:  # P_j is the distribution the j-th committed token came from
-            logprobs = torch.log_softmax(P_logits[0, : len(new_tokens)], dim=-1)
-            result.token_logprobs += logprobs[torch.arange(len(new_tokens)), new_tokens].tolist()
-        if stop is not None or len(result.tokens) >= options.max_new_tokens:
-            return result
+        staying, keeps = [], []
+        for row, index in enumerate(rows):
+            result, n, next_token = results[index], n_all[row], next_all[row]
+            result.forward_calls += 1
+            new_tokens = buffer.tokens[row, :n].tolist() + [next_token]
+            new_tokens = new_tokens[: budgets[index] - len(result.tokens)]
+            stop = next((i for i, token in enumerate(new_tokens) if token in stop_ids), None)
+            if stop is not None:
+                new_tokens = new_tokens[: stop + 1]
+            result.tokens += new_tokens
+            result.accepted[len(new_tokens)] += 1
+            if options.token_logprobs:  # P_j is the distribution the j-th committed token came from
+                logprobs = torch.log_softmax(P_logits[row, : len(new_tokens)], dim=-1)
+                result.token_logprobs += logprobs[torch.arange(len(new_tokens)), new_tokens].tolist()
+            if stop is None and len(result.tokens) < budgets[index]:
+                staying.append(row)
+                keeps.append(pending_real[row] + n)
+        if not staying:
+            return results
 
-        model.commit(pending.shape[1] + n)
-        if gamma:
-            # the blank branch after the n accepted drafts, else this pass's predictions after them
-            branch = out.branch_logits is not None
-            logits = out.branch_logits[0, n] if branch else out.predictive_logits[0]
-            new_drafts, new_q = _sample(logits, options.temperature, generator)
-            if new_q is None and proposals:  # lossy greedy: the T = 1 proposal of each argmax draft
-                new_q = torch.softmax(logits.float(), dim=-1)
-            if branch:
-                buffer.fill(new_drafts, new_q)
-            else:
-                buffer.refill(n, new_drafts, new_q, carry=options.refill == "carry")
-        pending = torch.tensor([[next_token]], dtype=torch.long, device=device)
-
+        if len(staying) < len(rows):  # finished rows leave the batch
+            model.select(staying)
+            buffer.select(staying)
+        model.commit(keeps[0] if batch == 1 else keeps)
+        for row, old in enumerate(staying):
+            if gamma:
+                # the blank branch after the n accepted drafts, else this pass's predictions after them
+                n = n_all[old]
+                branch = out.branch_logits is not None
+                logits = out.branch_logits[old, n] if branch else out.predictive_logits[old]
+                new_drafts, new_q = _sample(logits, options.temperature, generator)
+                if new_q is None and proposals:  # lossy greedy: the T = 1 proposal of each argmax draft
+                    new_q = torch.softmax(logits.float(), dim=-1)
+                if branch:
+                    buffer.fill(new_drafts, new_q, row=row)
+                else:
+                    buffer.refill(n, new_drafts, new_q, row=row, carry=options.refill == "carry")
+        rows = [rows[row] for row in staying]
+        pending = torch.tensor([[next_all[row]] for row in staying], dtype=torch.long, device=device)
+        pending_real = [1] * len(rows)

@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .decoding import DecodeOptions, DecodeResult, DualStreamModel, decode
+from .decoding import DecodeOptions, DecodeResult, DualStreamModel, decode_batch
 
 
 def default_gamma(table: Mapping[str, int], device) -> int:
@@ -25,7 +25,6 @@ def decode_prompt(
     streams: Callable[[bool], DualStreamModel],
     drafting_possible: bool,
     options: DecodeOptions,
-    max_length: int,
     eos_token_id: Union[int, Sequence[int]],
     placeholder_id: int,
     generator: Optional[torch.Generator],
@@ -34,11 +33,30 @@ def decode_prompt(
     """Our loop after `prompt`: cross-regressive where an adapter can draft (γ ≥ 1), else plain
     autoregressive, for at most the positions the model has left. `streams(drafting)` builds the
     model's two streams (the control stream alone when not drafting)."""
-    options = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, max_length - len(prompt)))
+    return decode_prompts(
+        [prompt], streams=streams, drafting_possible=drafting_possible, options=options,
+        eos_token_id=eos_token_id, placeholder_id=placeholder_id, generator=generator, device=device,
+    )[0]
+
+
+def decode_prompts(
+    prompts: Sequence[Sequence[int]],
+    *,
+    streams: Callable[[bool], DualStreamModel],
+    drafting_possible: bool,
+    options: DecodeOptions,
+    eos_token_id: Union[int, Sequence[int]],
+    placeholder_id: int,
+    generator: Optional[torch.Generator],
+    device,
+) -> list[DecodeResult]:
+    """`decode_prompt` for a batch: one sequence per prompt, decoded together (`decode_batch`);
+    `streams(drafting)` builds the model over all of them. Each row is capped by the positions
+    its own prompt leaves."""
     drafting = drafting_possible and options.gamma > 0
-    return decode(
+    return decode_batch(
         streams(drafting),
-        prompt,
+        prompts,
         options=dataclasses.replace(options, gamma=options.gamma if drafting else 0),
         eos_token_id=eos_token_id,
         placeholder_id=placeholder_id,

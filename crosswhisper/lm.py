@@ -221,7 +221,6 @@ def decode_tokens(
         streams=streams,
         drafting_possible=adapted is not None,
         options=options,
-        max_length=max_length,
         eos_token_id=lm.eos_token_ids,
         placeholder_id=lm.placeholder_id,
         generator=generator,

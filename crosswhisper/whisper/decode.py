@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from ..audio import SAMPLE_RATE
 from ..decoding import DecodeOptions, DecodeResult
 from ..dual_stream import HFDualStream
-from ..engine import ForwardCounter, decode_prompt, reference_generation_config
+from ..engine import ForwardCounter, decode_prompts, reference_generation_config
 from ..lora import AdaptedModel
 from .loading import WhisperBundle, run_encoder
 from .streams import WhisperStreams, supported
@@ -188,37 +188,43 @@ def logits_processor(bundle: WhisperBundle, prompt_length: int, *, timestamps: b
 def dual_streams(
     bundle: WhisperBundle,
     encoder_hidden_states: torch.Tensor,
-    prompt_length: int,
+    prompt_length: Union[int, Sequence[int]],
     *,
     adapted: Optional[AdaptedModel],
     drafting: bool,
     timestamps: bool = False,
-    observe_index: Optional[int] = None,
+    observe_index: Union[None, int, Sequence[Optional[int]]] = None,
     branches: bool = False,
 ) -> Union[WhisperStreams, HFDualStream]:
-    """Both streams of the decoder over one window (the base model's alone without an adapter);
+    """Both streams of the decoder over one window per row of `encoder_hidden_states` (the base
+    model's alone without an adapter); `prompt_length`, `observe_index`: one, or one per row;
     `timestamps`: Whisper's timestamp rules on; `observe_index`: see `HFDualStream`.
-    `WhisperStreams` (one row, static cache: the faster call) unless blank branches are asked
-    for (`branches`) or the decoder holds layers it does not know: then `HFDualStream`."""
+    `WhisperStreams` (one row per window, static cache: the faster call) unless blank branches
+    are asked for (`branches`) or the decoder holds layers it does not know: then `HFDualStream`
+    (a single window)."""
     whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
     decoder = whisper.model.decoder
-    process = logits_processor(bundle, prompt_length, timestamps=timestamps)
+    lengths = [prompt_length] if isinstance(prompt_length, int) else list(prompt_length)
+    processors = {length: logits_processor(bundle, length, timestamps=timestamps) for length in set(lengths)}
+    process = [processors[length] for length in lengths]
     max_length = bundle.model.config.max_target_positions
     if not (branches and drafting) and supported(decoder):
         return WhisperStreams(
-            decoder, whisper.proj_out, encoder_hidden_states, process_logits=process,
+            decoder, whisper.proj_out, encoder_hidden_states, process_logits=process if len(process) > 1 else process[0],
             drafting=drafting, max_length=max_length, observe_index=observe_index, head_dtype=bundle.head_dtype,
         )
+    if encoder_hidden_states.shape[0] != 1:
+        raise NotImplementedError("batched decoding runs on WhisperStreams (no blank branches)")
     return HFDualStream(
         decoder,
         whisper.proj_out,
         encoder_hidden_states,
-        process_logits=process,
+        process_logits=process[0],
         gate=adapted.gate if adapted is not None else None,
         drafting=drafting,
         max_length=max_length,
         placeholder_id=special_id(bundle, "<|endoftext|>"),
-        observe_index=observe_index,
+        observe_index=observe_index if not isinstance(observe_index, (list, tuple)) else observe_index[0],
         head_dtype=bundle.head_dtype,
     )
 
@@ -244,33 +250,60 @@ def decode_window(
 
     timestamps: decode under Whisper's timestamp rules; None → whenever the prompt does not end
     in <|notimestamps|>."""
+    return decode_windows(
+        bundle, encoder_hidden_states, [prompt], adapted=adapted, options=options, generator=generator,
+        timestamps=timestamps,
+    )[0]
+
+
+def decode_windows(
+    bundle: WhisperBundle,
+    encoder_hidden_states: torch.Tensor,
+    prompts: Sequence[list[int]],
+    *,
+    adapted: Optional[AdaptedModel],
+    options: DecodeOptions,
+    generator: Optional[torch.Generator] = None,
+    timestamps: Optional[bool] = None,
+) -> list[WindowResult]:
+    """`decode_window` over B windows at once (`encoder_hidden_states` [B, frames, d], one
+    prompt each), decoded as one batch; every result equals its window's decoded alone
+    (DESIGN §1.6). All prompts take timestamps, or none."""
+    if encoder_hidden_states.shape[0] != len(prompts):
+        raise ValueError(f"{encoder_hidden_states.shape[0]} windows for {len(prompts)} prompts")
     eot = special_id(bundle, "<|endoftext|>")
+    no_timestamps = special_id(bundle, "<|notimestamps|>")
     if timestamps is None:
-        timestamps = prompt[-1] != special_id(bundle, "<|notimestamps|>")
+        kinds = {prompt[-1] != no_timestamps for prompt in prompts}
+        if len(kinds) > 1:
+            raise ValueError("a batch decodes every window with timestamps, or none")
+        timestamps = kinds.pop()
     sot = special_id(bundle, "<|startoftranscript|>")
-    observe = prompt.index(sot) if sot in prompt else None
+    observe = [prompt.index(sot) if sot in prompt else None for prompt in prompts]
     made: list = []
 
     def streams(drafting: bool):
         made.append(dual_streams(
-            bundle, encoder_hidden_states, len(prompt), adapted=adapted, drafting=drafting,
-            timestamps=timestamps, observe_index=observe, branches=options.blank_branches,
+            bundle, encoder_hidden_states, [len(prompt) for prompt in prompts], adapted=adapted, drafting=drafting,
+            timestamps=timestamps, observe_index=observe if len(prompts) > 1 else observe[0],
+            branches=options.blank_branches and len(prompts) == 1,
         ))
         return made[-1]
 
-    result = decode_prompt(
-        prompt,
+    results = decode_prompts(
+        prompts,
         streams=streams,
         drafting_possible=adapted is not None,
         options=options,
-        max_length=bundle.model.config.max_target_positions,
         eos_token_id=eot,
         placeholder_id=eot,
         generator=generator,
         device=encoder_hidden_states.device,
     )
-    observed = made[0].observed_logits
-    no_speech = 0.0
-    if observed is not None:
-        no_speech = float(observed.float().softmax(-1)[bundle.generation_config.no_timestamps_token_id - 1])
-    return WindowResult(**vars(result), no_speech_prob=no_speech)
+    model = made[0]
+    observed = model.observed if isinstance(model, WhisperStreams) else [model.observed_logits]
+    no_speech_id = bundle.generation_config.no_timestamps_token_id - 1
+    return [
+        WindowResult(**vars(result), no_speech_prob=0.0 if logits is None else float(logits.float().softmax(-1)[no_speech_id]))
+        for result, logits in zip(results, observed)
+    ]

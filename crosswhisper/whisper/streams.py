@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -155,13 +155,21 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class WhisperStreams:
-    """`DualStreamModel` over one window of a Whisper decoder: the one-row layout above.
+    """`DualStreamModel` over one window per row of a Whisper decoder: the one-row layout above,
+    for a batch of B windows (DESIGN §1.6).
 
     decoder: the `WhisperDecoder` (its LoRA layers, if any, are the predictive stream's delta)
     lm_head: the output projection
-    encoder_hidden_states: [1, 1500, d_model] of the window
-    process_logits, max_length, observe_index, head_dtype: as `HFDualStream`'s
+    encoder_hidden_states: [B, 1500, d_model], one window per row
+    process_logits: as `HFDualStream`'s; or one per row (prompts of different lengths)
+    max_length, head_dtype: as `HFDualStream`'s
+    observe_index: as `HFDualStream`'s; or one per row (`observed[row]`)
     drafting: run the predictive stream too (γ ≥ 1 needs it)
+
+    Each row has its own committed length. Row b's block is written at its own cache slots
+    [past_b, past_b + T) at its own positions; slots a row must not read (the padding of a
+    shorter prompt) stay masked. While every row sits at the same slot, the call is the
+    single-row call's arithmetic, row for row.
     """
 
     def __init__(
@@ -170,137 +178,220 @@ class WhisperStreams:
         lm_head: nn.Module,
         encoder_hidden_states: torch.Tensor,
         *,
-        process_logits: LogitsProcessor,
+        process_logits: Union[LogitsProcessor, Sequence[LogitsProcessor]],
         drafting: bool,
         max_length: int,
-        observe_index: Optional[int] = None,
+        observe_index: Union[None, int, Sequence[Optional[int]]] = None,
         head_dtype: Optional[torch.dtype] = None,
     ):
         self.weights = _decoder(decoder)
         self.head_dtype = head_dtype
         if drafting and not any(layer.q.lora_a_t is not None for layer in self.weights.layers):
             raise ValueError("drafting needs a decoder with an adapter (LoRA layers)")
+        batch = encoder_hidden_states.shape[0]
+        self.batch = batch
         self.lm_head = lm_head
-        self.process_logits = process_logits
+        self._processors = _per_row(process_logits, batch, "process_logits")
+        self._observe = _per_row(observe_index, batch, "observe_index")
+        self.observed: list[Optional[torch.Tensor]] = [None] * batch  # [V] per row at its `observe_index`
         self.drafting = drafting
         self.vocab_size = lm_head.weight.shape[0]
         self.max_length = max_length
-        self.observe_index = observe_index
-        self.observed_logits: Optional[torch.Tensor] = None
-        self.length = 0
-        self._tokens = torch.empty(0, dtype=torch.long, device=encoder_hidden_states.device)
-        self._block_tokens = self._tokens
-        self._block = 0
+        self._device = encoder_hidden_states.device
         w = self.weights
-        shape = (1, -1, w.heads, w.head_dim)
+        shape = (batch, -1, w.heads, w.head_dim)
         with torch.inference_mode():
             # the audio keys/values of every layer, once per window, shared by both streams
-            self._audio = [
+            self._audio_all = [
                 (layer.cross_k(encoder_hidden_states).view(shape).transpose(1, 2).contiguous(),
                  layer.cross_v(encoder_hidden_states).view(shape).transpose(1, 2).contiguous())
                 for layer in w.layers
             ]
-        self._keys = self._values = None  # [layers, 1, heads, capacity, head_dim], made on first use
+        self._keys = self._values = None  # [layers, B, heads, capacity, head_dim], made on first use
         self.captured: dict[int, torch.Tensor] = {}  # see `_run`
+        self.reset(batch)
 
-    def reset(self, batch: int) -> None:
-        if batch != 1:
-            raise NotImplementedError("batched decoding of several sequences is not implemented yet")
-        self.length, self._block = 0, 0
-        self._tokens = self._tokens[:0]
+    @property
+    def observed_logits(self) -> Optional[torch.Tensor]:
+        """Row 0's `observed` (the single-window API)."""
+        return self.observed[0]
+
+    @property
+    def length(self) -> int:
+        """Committed tokens of row 0 (the single-window API)."""
+        return self._lengths[0]
+
+    def reset(self, batch: int, padding: Optional[Sequence[int]] = None) -> None:
+        if batch != self.batch:
+            raise ValueError(f"{self.batch} windows were encoded for this model, not {batch}")
+        padding = list(padding) if padding is not None else [0] * batch
+        if len(padding) != batch or min(padding) < 0:
+            raise ValueError(f"padding must give a count ≥ 0 for each of the {batch} rows, got {padding}")
+        self._ids = list(range(batch))  # each row's index in the batch given at construction
+        self._audio = self._audio_all
+        self._past = [0] * batch  # cache slots in use (dead ones included)
+        self._dead = [0] * batch  # slots at the start that hold padding
+        self._lengths = [0] * batch  # committed tokens
+        self._pad = padding  # padding at the start of the next block (the first one only)
+        self._tokens = [torch.empty(0, dtype=torch.long, device=self._device) for _ in range(batch)]
         self._block_tokens = self._tokens
+        self._block = 0
+        if self._keys is not None and self._keys.shape[1] != batch:
+            self._keys = self._values = None
+
+    def select(self, rows: Sequence[int]) -> None:
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self._device)
+        self._audio = [(keys[index], values[index]) for keys, values in self._audio]
+        if self._keys is not None:
+            self._keys, self._values = self._keys[:, index], self._values[:, index]
+        for name in ("_ids", "_past", "_dead", "_lengths", "_pad", "_tokens", "_block_tokens"):
+            values = getattr(self, name)
+            setattr(self, name, [values[row] for row in rows])
 
     def _reserve(self, end: int, like: torch.Tensor) -> None:
-        """Cache room for `end` positions (committed + this call's block)."""
+        """Cache room for `end` slots (committed + this call's block) in every row."""
         capacity = 0 if self._keys is None else self._keys.shape[3]
         if end <= capacity:
             return
         w = self.weights
         size = max(end, self.max_length + 64)
-        keys = like.new_empty(len(w.layers), 1, w.heads, size, w.head_dim)
+        keys = like.new_empty(len(w.layers), like.shape[0], w.heads, size, w.head_dim)
         values = torch.empty_like(keys)
         if self._keys is not None:
-            keys[:, :, :, : self.length] = self._keys[:, :, :, : self.length]
-            values[:, :, :, : self.length] = self._values[:, :, :, : self.length]
+            keys[:, :, :, :capacity] = self._keys
+            values[:, :, :, :capacity] = self._values
         self._keys, self._values = keys, values
 
-    def _mask(self, past: int, r: int, gamma: int, dtype, device) -> Optional[torch.Tensor]:
-        """Additive mask [T, past + T] of the layout in the module doc (None: attend to all)."""
+    def _pattern(self, r: int, gamma: int, device) -> torch.Tensor:
+        """Which block token reads which: bool [T, T] of the layout in the module doc."""
         L = r + gamma
         P = gamma + 1 if self.drafting and gamma else 0
         T = L + P
+        allowed = torch.zeros(T, T, dtype=torch.bool, device=device)
+        allowed[:L, :L] = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device))
+        if P:
+            allowed[L:, : r - 1] = True  # the control stream's pending tokens before x_c
+            allowed[L, L] = True  # x_c: itself
+            allowed[L + 1 :, L:] = True  # the drafts: x_c and every draft
+        return allowed
+
+    def _mask(self, past: int, r: int, gamma: int, dtype, device) -> Optional[torch.Tensor]:
+        """Additive mask [T, past + T] for rows at the same slot (None: attend to all)."""
+        block = self._pattern(r, gamma, device)
+        T = block.shape[0]
         if T == 1:
             return None
-        allowed = torch.zeros(T, past + T, dtype=torch.bool, device=device)
-        allowed[:, :past] = True
-        allowed[:L, past : past + L] = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device))
-        if P:
-            allowed[L:, past : past + r - 1] = True  # the control stream's pending tokens before x_c
-            allowed[L, past + L] = True  # x_c: itself
-            allowed[L + 1 :, past + L :] = True  # the drafts: x_c and every draft
+        allowed = torch.ones(T, past + T, dtype=torch.bool, device=device)
+        allowed[:, past:] = block
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
+    def _ragged_mask(self, r: int, gamma: int, end: int, dtype, device) -> torch.Tensor:
+        """Additive mask [B, 1, T, end] for rows at their own slots: each row reads its live
+        committed slots and its block by the layout; its padding only from itself."""
+        block = self._pattern(r, gamma, device)
+        T = block.shape[0]
+        allowed = torch.zeros(len(self._past), T, end, dtype=torch.bool, device=device)
+        for row, (past, dead, pad) in enumerate(zip(self._past, self._dead, self._pad)):
+            allowed[row, :, dead:past] = True
+            allowed[row, :, past : past + T] = block
+            if pad:  # padding: nobody reads it; each padding token reads itself (a softmax needs one)
+                allowed[row, :, past : past + pad] = False
+                allowed[row, torch.arange(pad), past + torch.arange(pad)] = True
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
     @torch.inference_mode()
     def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor, *, branches: bool = False) -> BlockOutput:
-        r, gamma = pending.shape[1], drafts.shape[1]
+        B, r, gamma = pending.shape[0], pending.shape[1], drafts.shape[1]
         if gamma and not self.drafting:
             raise ValueError("drafts given to a control-only model (drafting=False)")
-        past = self.length
-        if past + r + gamma > self.max_length:
-            raise ValueError(f"block of {r + gamma} tokens at {past} exceeds {self.max_length} positions")
+        if B != len(self._past):
+            raise ValueError(f"{B} rows given to a batch of {len(self._past)}")
+        for length, pad in zip(self._lengths, self._pad):
+            if length + r - pad + gamma > self.max_length:
+                raise ValueError(f"block of {r - pad + gamma} tokens at {length} exceeds {self.max_length} positions")
         device = pending.device
+        dtype = self.weights.embed_tokens.dtype
         L = r + gamma
         P = gamma + 1 if gamma else 0
         block = torch.cat([pending, drafts], dim=1)
         tokens = torch.cat([block, block[:, r - 1 :]], dim=1) if P else block
-        positions = torch.arange(past, past + L, device=device)
+        T = tokens.shape[1]
+        local = torch.arange(L, device=device)
         if P:
-            positions = torch.cat([positions, positions[r - 1 :]])
-        hidden = self._run(tokens, positions, past, self._mask(past, r, gamma, self.weights.embed_tokens.dtype, device),
-                           slice(L, tokens.shape[1]) if P else None)
+            local = torch.cat([local, local[r - 1 :]])
+        uniform = len(set(self._past)) == 1 and not any(self._dead) and not any(self._pad)
+        if uniform:  # every row at the same slot: one slice of the cache, one mask
+            past = self._past[0]
+            positions, write = local + past, past
+            mask = self._mask(past, r, gamma, dtype, device)
+        else:
+            offsets = torch.tensor([length - pad for length, pad in zip(self._lengths, self._pad)], device=device)
+            positions = (offsets[:, None] + local).clamp_min(0)  # the padding's positions are never read
+            write = torch.tensor(self._past, device=device)[:, None] + torch.arange(T, device=device)
+            mask = self._ragged_mask(r, gamma, max(self._past) + T, dtype, device)
+        hidden = self._run(tokens, positions, write, mask, slice(L, T) if P else None)
         self._block = L
-        if self.observe_index is not None and past <= self.observe_index < past + r:
-            at = self.observe_index - past
-            self.observed_logits = project(hidden[:, at : at + 1], self.lm_head, self.head_dtype)[0, 0]
+
         # the last pending token and the drafts predict what we need: P_1..P_{γ+1} and Q_1..Q_{γ+1}
         rows = hidden[:, r - 1 : L]
         if P:
-            rows = torch.cat([rows, hidden[:, L:]])  # [2, γ+1, d]: CONTROL, PREDICTIVE
-        logits = project(rows, self.lm_head, self.head_dtype)
-        token_index = torch.arange(past + r, past + r + gamma + 1, device=device)
-        self._block_tokens = block[0]
-        sequence = torch.cat([self._tokens, self._block_tokens])
-        logits = self.process_logits(logits, token_index, sequence)
+            rows = torch.stack([rows, hidden[:, L:]], dim=1).flatten(0, 1)  # [2B, γ+1, d]: CONTROL, PREDICTIVE
+        logits = project(rows, self.lm_head, self.head_dtype).unflatten(0, (B, -1))  # [B, streams, γ+1, V]
+        self._block_tokens = []
+        for row in range(B):
+            length, pad, index = self._lengths[row], self._pad[row], self._ids[row]
+            observe = self._observe[index]
+            if observe is not None and length <= observe < length + r - pad:
+                at = pad + observe - length
+                self.observed[index] = project(hidden[row : row + 1, at : at + 1], self.lm_head, self.head_dtype)[0, 0]
+            real = block[row, pad:]
+            self._block_tokens.append(real)
+            token_index = torch.arange(length + r - pad, length + r - pad + gamma + 1, device=device)
+            sequence = torch.cat([self._tokens[row], real])
+            logits[row] = self._processors[index](logits[row], token_index, sequence)
         return BlockOutput(
-            control_logits=logits[CONTROL : CONTROL + 1],
-            predictive_logits=logits[PREDICTIVE : PREDICTIVE + 1] if P else None,
+            control_logits=logits[:, CONTROL],
+            predictive_logits=logits[:, PREDICTIVE] if P else None,
         )
 
-    def _run(self, tokens, positions, past: int, mask, predictive: Optional[slice], capture=None) -> torch.Tensor:
-        """The decoder over `tokens` [1, T] at `positions` after `past` cached positions, writing
-        their keys/values at [past, past + T); the LoRA delta on the `predictive` tokens.
+    def _run(self, tokens, positions, write, mask, predictive: Optional[slice], capture=None) -> torch.Tensor:
+        """The decoder over `tokens` [B, T] at `positions` ([T], or [B, T]), writing their
+        keys/values at cache slots `write`: [write, write + T) in every row (an int), or each
+        row's own slots ([B, T]); the LoRA delta on the `predictive` tokens.
         `capture`: {layer: [heads]} whose cross-attention scores [heads, T, frames] (before the
-        softmax) are kept in `self.captured` (word alignment). → final hidden states [1, T, d]."""
+        softmax) of row 0 are kept in `self.captured` (word alignment). → final hidden states [B, T, d]."""
         w = self.weights
-        T, end = tokens.shape[1], past + tokens.shape[1]
+        B, T = tokens.shape
         x = F.embedding(tokens, w.embed_tokens)
         if w.embed_scale != 1.0:
             x = x * w.embed_scale
         x = x + w.embed_positions[positions]
+        if isinstance(write, int):
+            end = write + T
+            rows = None
+        else:
+            end = int(write.max()) + 1
+            rows = torch.arange(B, device=tokens.device)[:, None]
         self._reserve(end, x)
         heads, head_dim = w.heads, w.head_dim
 
-        def split(y):  # [1, T, d] → [1, heads, T, head_dim]
-            return y.view(1, T, heads, head_dim).transpose(1, 2)
+        def split(y):  # [B, T, d] → [B, heads, T, head_dim]
+            return y.view(B, T, heads, head_dim).transpose(1, 2)
 
         for i, layer in enumerate(w.layers):
             y = _norm(layer.self_norm, x)
             q = split(layer.q(y, predictive) * layer.scaling)
-            self._keys[i, :, :, past:end] = split(layer.k(y, predictive))
-            self._values[i, :, :, past:end] = split(layer.v(y, predictive))
+            if rows is None:
+                self._keys[i, :, :, write:end] = split(layer.k(y, predictive))
+                self._values[i, :, :, write:end] = split(layer.v(y, predictive))
+            else:  # [B, T, heads, head_dim] into each row's own slots
+                self._keys[i][rows, :, write] = layer.k(y, predictive).view(B, T, heads, head_dim)
+                self._values[i][rows, :, write] = layer.v(y, predictive).view(B, T, heads, head_dim)
             o = F.scaled_dot_product_attention(q, self._keys[i, :, :, :end], self._values[i, :, :, :end], attn_mask=mask, scale=1.0)
-            x = x + layer.out(o.transpose(1, 2).reshape(1, T, -1), predictive)
+            x = x + layer.out(o.transpose(1, 2).reshape(B, T, -1), predictive)
             y = _norm(layer.cross_norm, x)
             q = split(layer.cross_q(y, predictive) * layer.scaling)
             keys, values = self._audio[i]
@@ -308,17 +399,19 @@ class WhisperStreams:
                 picked = capture[i]
                 self.captured[i] = (q[0, picked] @ keys[0, picked].transpose(-1, -2)).float()
             o = F.scaled_dot_product_attention(q, keys, values, scale=1.0)
-            x = x + layer.cross_out(o.transpose(1, 2).reshape(1, T, -1), predictive)
+            x = x + layer.cross_out(o.transpose(1, 2).reshape(B, T, -1), predictive)
             y = _norm(layer.final_norm, x)
             x = x + layer.fc2(layer.activation(layer.fc1(y, predictive)), predictive)
         return _norm(w.final_norm, x)
 
     @torch.inference_mode()
     def teacher_force(self, tokens: list[int], capture: dict[int, list[int]]) -> torch.Tensor:
-        """The control stream over a whole sequence (nothing cached before, nothing kept):
-        logits [T, V] (unprocessed), with the cross-attention scores of `capture`'s heads in
-        `self.captured` ({layer: [heads, T, frames]})."""
-        device = self._audio[0][0].device
+        """The control stream over a whole sequence of row 0's window (nothing cached before,
+        nothing kept): logits [T, V] (unprocessed), with the cross-attention scores of
+        `capture`'s heads in `self.captured` ({layer: [heads, T, frames]})."""
+        if len(self._past) != 1:
+            raise ValueError("teacher_force runs on a single window")
+        device = self._device
         ids = torch.tensor([tokens], device=device)
         T = ids.shape[1]
         causal = self._mask(0, T, 0, self.weights.embed_tokens.dtype, device)  # T pending tokens, no drafts
@@ -326,11 +419,29 @@ class WhisperStreams:
         hidden = self._run(ids, torch.arange(T, device=device), 0, causal, None, capture)
         return project(hidden, self.lm_head, self.head_dtype)[0]
 
-    def commit(self, keep: int) -> None:
-        """Keep the first `keep` tokens of the last block (their control keys/values are already
-        in place; the next call writes over the rest)."""
-        if not 0 <= keep <= self._block:
-            raise ValueError(f"cannot keep {keep} of a {self._block}-token block")
-        self.length += keep
-        self._tokens = torch.cat([self._tokens, self._block_tokens[:keep]])
+    def commit(self, keep: Union[int, Sequence[int]]) -> None:
+        """Keep the first `keep` tokens of the last block in each row (padding not counted;
+        their control keys/values are already in place; the next call writes over the rest)."""
+        keeps = [keep] if isinstance(keep, int) else list(keep)
+        if len(keeps) != len(self._past):
+            raise ValueError(f"{len(keeps)} counts to keep for {len(self._past)} rows")
+        for row, count in enumerate(keeps):
+            real = self._block_tokens[row]
+            if not 0 <= count <= real.shape[0]:
+                raise ValueError(f"cannot keep {count} of a {real.shape[0]}-token block")
+            pad = self._pad[row]
+            self._past[row] += pad + count
+            self._dead[row] += pad
+            self._lengths[row] += count
+            self._tokens[row] = torch.cat([self._tokens[row], real[:count]])
+        self._pad = [0] * len(keeps)
         self._block = 0
+
+
+def _per_row(value, batch: int, name: str) -> list:
+    """A per-row argument: one value for every row, or a sequence of B."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise ValueError(f"{name}: {len(value)} values for {batch} rows")
+        return list(value)
+    return [value] * batch
