@@ -1,6 +1,7 @@
 """Command lines.
 
     crosswhisper-transcribe FILE|FOLDER... [--manifest LIST] [--model NAME] [--output-format ...] [--output-dir DIR]
+    crosswhisper-transcribe FILE|FOLDER... --batch-size N (batched: VAD chunks, N windows per call)
     crosswhisper-transcribe FOLDER... --ray [ADDRESS]     (bulk: Ray Data, resumable; crosswhisper.bulk)
     crosswhisper-generate "PROMPT" [--model NAME] [--raw] [--max-new-tokens N] [--stats]
 """
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", "-o", type=Path, default=Path("."), help="where to write (default: .)")
     parser.add_argument("--device", default=None, help="torch device (default: cpu; with --ray: cuda when the cluster has GPUs)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, metavar="N",
+        help="batched pipeline: speech found by voice activity detection, cut at pauses into ≤ 30 s chunks, "
+        "N chunks (of one or several files) decoded at a time, each independently (no previous-text prompt). "
+        "Default: the sequential algorithm, one window at a time",
+    )
     bulk = parser.add_argument_group(
         "bulk transcription on Ray Data (pip install \"crosswhisper[ray]\")",
         "files whose outputs exist are skipped (a rerun does the rest); failures go to <output-dir>/failures.jsonl",
@@ -116,6 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options.decode_options(args.device or "cpu")
         if not args.files and args.manifest is None:
             raise ValueError("give files, folders or --manifest")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError("--batch-size must be ≥ 1")
+        if args.batch_size is not None and args.ray is not None:
+            raise ValueError("--batch-size and --ray do not go together yet")
         for name in ("workers", "threads"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be ≥ 1")
@@ -142,6 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.error("cannot use adapter %r: %s", adapter, error)
             return 2
 
+    if args.batch_size is not None:
+        return _batched_main(args, jobs, bundle, adapter, options, device)
     failures = 0
     for job in tqdm(jobs, desc="transcribing", unit="file", disable=len(jobs) < 2 or args.quiet):
         path = job.audio
@@ -163,6 +176,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tqdm.write(f"error: {path}: {error}", file=sys.stderr)
             continue
         tqdm.write(f"{path}: {result.text}")
+    if failures:
+        logger.error("%d of %d file(s) failed", failures, len(jobs))
+        return 1
+    return 0
+
+
+# --batch-size: files are read and decoded this many batches' worth at a time (a few long files
+# fill batches by themselves; many short ones share them), so memory stays bounded
+FILES_PER_BATCH = 4
+
+
+def _batched_main(args: argparse.Namespace, jobs, bundle, adapter, options: TranscribeOptions, device) -> int:
+    """--batch-size: the batched pipeline (`transcribe_batch`) over groups of files, each file
+    written as soon as its group is done; a file that cannot be read fails alone."""
+    from .whisper.batched import transcribe_batch
+
+    failures = 0
+    group_size = FILES_PER_BATCH * args.batch_size
+    with tqdm(total=len(jobs), desc="transcribing", unit="file", disable=len(jobs) < 2 or args.quiet) as files_bar:
+        for first in range(0, len(jobs), group_size):
+            group, waveforms = [], []
+            for job in jobs[first : first + group_size]:
+                try:
+                    waveforms.append(load_audio(job.audio))
+                    group.append(job)
+                except (OSError, ValueError) as error:
+                    failures += 1
+                    tqdm.write(f"error: {job.audio}: {error}", file=sys.stderr)
+                    files_bar.update(1)
+            if not group:
+                continue
+            seconds = sum(len(w) for w in waveforms) / SAMPLE_RATE
+            with tqdm(total=round(seconds, 1), unit="s", desc=f"{len(group)} file(s)", leave=False,
+                      disable=args.quiet or seconds <= 30, bar_format=PROGRESS_FORMAT) as bar:
+                results = transcribe_batch(
+                    waveforms, model=bundle, adapter=adapter, device=device, batch_size=args.batch_size,
+                    options=options, progress=lambda done: bar.update(round(done - bar.n, 1)),
+                )
+            for job, result in zip(group, results):
+                get_writer(args.output_format, args.output_dir / job.subdir)(result, job.audio)
+                if args.verbose:
+                    for segment in result.segments:
+                        _print_segment(segment)
+                tqdm.write(f"{job.audio}: {result.text}")
+                files_bar.update(1)
     if failures:
         logger.error("%d of %d file(s) failed", failures, len(jobs))
         return 1

@@ -237,13 +237,18 @@ def decode_batch(
             model.select(staying)
             buffer.select(staying)
         model.commit(keeps[0] if batch == 1 else keeps)
+        branch = out.branch_logits is not None
+        # lossless greedy drafts are the predictive stream's argmax: every row's at once
+        argmax = out.predictive_logits.argmax(dim=-1) if gamma and not (branch or sampling or proposals) else None
         for row, old in enumerate(staying):
             if gamma:
                 # the blank branch after the n accepted drafts, else this pass's predictions after them
                 n = n_all[old]
-                branch = out.branch_logits is not None
                 logits = out.branch_logits[old, n] if branch else out.predictive_logits[old]
-                new_drafts, new_q = _sample(logits, options.temperature, generator)
+                if argmax is not None:
+                    new_drafts, new_q = argmax[old], None
+                else:
+                    new_drafts, new_q = _sample(logits, options.temperature, generator)
                 if new_q is None and proposals:  # lossy greedy: the T = 1 proposal of each argmax draft
                     new_q = torch.softmax(logits.float(), dim=-1)
                 if branch:

@@ -205,8 +205,9 @@ def dual_streams(
     whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
     decoder = whisper.model.decoder
     lengths = [prompt_length] if isinstance(prompt_length, int) else list(prompt_length)
-    processors = {length: logits_processor(bundle, length, timestamps=timestamps) for length in set(lengths)}
-    process = [processors[length] for length in lengths]
+    # one processor per prompt length (the rules count positions from the prompt's end)
+    made = {length: logits_processor(bundle, length, timestamps=timestamps) for length in set(lengths)}
+    process = [made[length] for length in lengths]
     max_length = bundle.model.config.max_target_positions
     if not (branches and drafting) and supported(decoder):
         return WhisperStreams(

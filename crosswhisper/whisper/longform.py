@@ -302,31 +302,42 @@ def decode_with_fallback(
 ) -> WindowDecision:
     """Decode at each temperature in turn until one passes (transformers' `generate_with_fallback`
     and `_need_fallback`, batch of one): the last temperature's decode is kept whatever it is."""
-    attempts = []
+    attempts: list[WindowTokens] = []
     for index, temperature in enumerate(options.temperature):
-        decoded = decode(hidden, prompt, temperature)
-        attempts.append(decoded)
-        ratio = token_compression_ratio(decoded.tokens, ids.vocab_size)  # end-of-text counted
-        avg = average_logprob(decoded.token_logprobs)
-        needs_fallback = skip = False
-        # too repetitive
-        if options.compression_ratio_threshold is not None and ratio > options.compression_ratio_threshold:
-            needs_fallback = True
-        # too unlikely
-        if options.logprob_threshold is not None and avg < options.logprob_threshold:
-            needs_fallback = True
-        # silence: likely <|nospeech|> and an unlikely decode → no fallback, skip the window.
-        # (transformers needs logprob_threshold here; without one we follow openai-whisper: the
-        # no-speech probability alone decides)
-        if (
-            options.no_speech_threshold is not None
-            and decoded.no_speech_prob > options.no_speech_threshold
-            and (options.logprob_threshold is None or avg < options.logprob_threshold)
-        ):
-            needs_fallback, skip = False, True
-        if not needs_fallback or index == len(options.temperature) - 1:
-            return WindowDecision(decoded, temperature, avg, ratio, skip, tuple(attempts))
+        attempts.append(decode(hidden, prompt, temperature))
+        decision = judge_window(attempts[-1], temperature, options, ids, tuple(attempts), last=index == len(options.temperature) - 1)
+        if decision is not None:
+            return decision
     raise AssertionError("unreachable")
+
+
+def judge_window(
+    decoded: WindowTokens, temperature: float, options: LongFormOptions, ids: SpecialTokens,
+    attempts: tuple[WindowTokens, ...], *, last: bool,
+) -> Optional[WindowDecision]:
+    """The fallback rules on one decode: its `WindowDecision`, or None when the window must be
+    decoded again at the next temperature (never after the `last` one)."""
+    ratio = token_compression_ratio(decoded.tokens, ids.vocab_size)  # end-of-text counted
+    avg = average_logprob(decoded.token_logprobs)
+    needs_fallback = skip = False
+    # too repetitive
+    if options.compression_ratio_threshold is not None and ratio > options.compression_ratio_threshold:
+        needs_fallback = True
+    # too unlikely
+    if options.logprob_threshold is not None and avg < options.logprob_threshold:
+        needs_fallback = True
+    # silence: likely <|nospeech|> and an unlikely decode → no fallback, skip the window.
+    # (transformers needs logprob_threshold here; without one we follow openai-whisper: the
+    # no-speech probability alone decides)
+    if (
+        options.no_speech_threshold is not None
+        and decoded.no_speech_prob > options.no_speech_threshold
+        and (options.logprob_threshold is None or avg < options.logprob_threshold)
+    ):
+        needs_fallback, skip = False, True
+    if needs_fallback and not last:
+        return None
+    return WindowDecision(decoded, temperature, avg, ratio, skip, attempts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -340,18 +340,19 @@ class WhisperStreams:
         if P:
             rows = torch.stack([rows, hidden[:, L:]], dim=1).flatten(0, 1)  # [2B, γ+1, d]: CONTROL, PREDICTIVE
         logits = project(rows, self.lm_head, self.head_dtype).unflatten(0, (B, -1))  # [B, streams, γ+1, V]
-        self._block_tokens = []
+        self._block_tokens, sequences, first = [], [], []
         for row in range(B):
             length, pad, index = self._lengths[row], self._pad[row], self._ids[row]
             observe = self._observe[index]
             if observe is not None and length <= observe < length + r - pad:
                 at = pad + observe - length
                 self.observed[index] = project(hidden[row : row + 1, at : at + 1], self.lm_head, self.head_dtype)[0, 0]
-            real = block[row, pad:]
-            self._block_tokens.append(real)
-            token_index = torch.arange(length + r - pad, length + r - pad + gamma + 1, device=device)
-            sequence = torch.cat([self._tokens[row], real])
-            logits[row] = self._processors[index](logits[row], token_index, sequence)
+            self._block_tokens.append(block[row, pad:])
+            sequences.append(torch.cat([self._tokens[row], self._block_tokens[row]]))
+            first.append(length + r - pad)
+        token_index = torch.tensor(first, device=device)[:, None] + torch.arange(gamma + 1, device=device)
+        for row in range(B):
+            logits[row] = self._processors[self._ids[row]](logits[row], token_index[row], sequences[row])
         return BlockOutput(
             control_logits=logits[:, CONTROL],
             predictive_logits=logits[:, PREDICTIVE] if P else None,

@@ -143,9 +143,11 @@ def transcribe(
     options: Optional[TranscribeOptions] = None,
     progress: Optional[Callable[[float], None]] = None,
     on_segment: Optional[Callable[[Segment], None]] = None,
+    batch_size: Optional[int] = None,
     **decoding,
 ) -> Transcription:
-    """Transcribe speech of any length with Whisper's sequential long-form algorithm.
+    """Transcribe speech of any length with Whisper's sequential long-form algorithm (or, with
+    `batch_size`, the batched pipeline).
 
     audio: a path to any audio or video file FFmpeg reads, or a 16 kHz mono float32 array.
     model: a bundled name ("tiny.en", "base"), a Hugging Face id or directory, a faster-whisper
@@ -167,10 +169,24 @@ def transcribe(
         call: worth it only where a call costs about the same for more tokens (a GPU).
     progress: called with the seconds of audio done after every window.
     on_segment: called with every segment as soon as its window is decoded (streaming output).
+    batch_size: None (default): the sequential algorithm. A number: the batched pipeline
+        (`batched.transcribe_batch`): speech found by a voice-activity detector, cut at pauses
+        into ≤ 30 s chunks decoded `batch_size` at a time, independently (no previous-text
+        prompt, as faster-whisper's `BatchedInferencePipeline`); faster on long audio.
     """
     if options is not None and decoding:
         raise TypeError("pass either options= or its fields as keywords, not both")
     options = options or TranscribeOptions(**decoding)  # validated before any loading
+    if batch_size is not None:
+        from .batched import transcribe_batch
+
+        result = transcribe_batch(
+            [audio], model=model, adapter=adapter, device=device, batch_size=batch_size, options=options,
+            progress=progress,
+        )[0]
+        for segment in result.segments if on_segment is not None else ():
+            on_segment(segment)
+        return result
     decode_options = options.decode_options(device)
     if adapter is not None and decode_options.gamma < 1:
         logger.info("gamma=0: no drafting, our own autoregressive loop")

@@ -1,0 +1,301 @@
+"""Batched transcription (DESIGN §1.6): many files, and long files, decoded B windows at a time.
+
+faster-whisper's `BatchedInferencePipeline` pattern, exact per row:
+
+    chunks     a voice-activity detector (silero-vad) finds speech; neighbouring speech is
+               merged into chunks of at most 30 s, cut at pauses (`speech_chunks`)
+    batches    the chunks of every input, in order, `batch_size` at a time: one encoder call,
+               one `decode_windows` (our loop over B rows: each row is its window decoded alone)
+    segments   each chunk is decoded with timestamps and cut into segments at timestamp pairs,
+               at their times in the file; text after the last pair ends at the chunk's end
+    fallback   a chunk that fails the thresholds (compression ratio, log-probability) is decoded
+               again at the next temperature, together with the other chunks that failed
+
+Chunks are decoded independently: no previous-text prompt (the initial prompt, if given,
+prompts every chunk), as faster-whisper's batched pipeline does. So a transcript differs from
+`transcribe()`'s sequential one (which conditions each window on the last), but not by batch
+size: every batch size gives the same tokens as `batch_size=1` (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..audio import SAMPLE_RATE, AudioInput, load_audio
+from ..engine import default_gamma
+from ..lora import AdaptedModel, AdapterArgument, resolve_adapter
+from ..results import Segment, StatsCounter, Transcription
+from .alignment import add_word_timestamps
+from .decode import decode_windows, detect_language, is_multilingual, validate_language
+from .loading import WhisperBundle, run_encoder, with_compute_type
+from .longform import (
+    FEATURE_PRECISION,
+    HOP,
+    MIN_WINDOW_FRAMES,
+    WINDOW_FRAMES,
+    SpecialTokens,
+    WindowTokens,
+    initial_tokens,
+    judge_window,
+    previous_tokens,
+    prompt_text_tokens,
+    split_segments,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_CHUNK_SECONDS = 30.0  # one Whisper window
+# Draft slots per call when the caller does not choose, for batches of more than one window.
+# On a CPU a batch already fills the cores: a drafting call over 8 windows costs 2.15× a plain
+# one (tiny.en: 45 ms against 21 ms; vocabulary projection, cross-attention over 8 windows'
+# audio, logits processing all grow with the tokens per call), more than the 1.66 tokens per
+# call it commits, so the plain loop (exact all the same) decodes faster there. A GPU has the
+# compute to spare: drafting pays.
+BATCHED_GAMMA = {"cpu": 0, "cuda": 4}
+# silero-vad's settings as faster-whisper's batched pipeline sets them: short pauses (160 ms)
+# separate speech, each piece keeps 400 ms of context on both sides
+VAD_THRESHOLD = 0.5
+MIN_SILENCE_MS = 160
+SPEECH_PAD_MS = 400
+
+
+@lru_cache(maxsize=1)
+def _vad_model():
+    from silero_vad import load_silero_vad
+
+    return load_silero_vad()
+
+
+def speech_chunks(audio: np.ndarray, *, max_seconds: float = MAX_CHUNK_SECONDS) -> list[tuple[int, int]]:
+    """[start, end) samples of the chunks to decode: silero-vad's speech, neighbours merged while
+    the chunk stays within `max_seconds` (a piece longer than that is cut by the VAD at its
+    quietest point). Audio of one window or less is one chunk, undetected (the no-speech rule
+    judges its silence, as in `transcribe()`). Starts fall on a log-mel frame (a multiple of 160 samples), so a chunk's
+    timestamps are exact times in the file."""
+    from silero_vad import get_speech_timestamps
+
+    if audio.size == 0:
+        return []
+    if audio.size <= max_seconds * SAMPLE_RATE:  # one window already: nothing to cut
+        return [(0, audio.size)]
+    with torch.inference_mode():
+        speech = get_speech_timestamps(
+            torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), _vad_model(), threshold=VAD_THRESHOLD,
+            sampling_rate=SAMPLE_RATE, min_silence_duration_ms=MIN_SILENCE_MS, speech_pad_ms=SPEECH_PAD_MS,
+            max_speech_duration_s=max_seconds - 2 * SPEECH_PAD_MS / 1000,
+        )
+    limit = int(max_seconds * SAMPLE_RATE)
+    chunks: list[list[int]] = []
+    for piece in speech:
+        start = piece["start"] // HOP * HOP
+        end = min(piece["end"], start + limit)
+        if chunks and end - chunks[-1][0] <= limit:
+            chunks[-1][1] = max(chunks[-1][1], end)
+        else:
+            chunks.append([start, end])
+    return [(start, end) for start, end in chunks]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    source: int  # index of the input it comes from
+    start: int  # first sample in that input
+    audio: np.ndarray  # its samples (≤ 30 s)
+
+
+class BatchedTranscriber:
+    """Decodes chunks `batch_size` at a time with our loop (cross-regressive with an adapter,
+    plain without), the temperature fallback included. One per model, adapter and options."""
+
+    def __init__(self, bundle: WhisperBundle, adapted: Optional[AdaptedModel], options, *, batch_size: int, device):
+        self.bundle, self.adapted, self.options = bundle, adapted, options
+        self.batch_size = batch_size
+        self.decode_options = options.decode_options(device)
+        if options.gamma is None and batch_size > 1:
+            self.decode_options = replace(self.decode_options, gamma=default_gamma(BATCHED_GAMMA, device))
+        self.ids = SpecialTokens.of(bundle)
+        self.generator = None
+        if max(options.temperature) > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+
+    def encode(self, chunks: Sequence[_Chunk]) -> torch.Tensor:
+        """Encoder hidden states [B, frames, d]: each chunk padded with silence to 30 s, as
+        `decode.encode` does for one window."""
+        features = self.bundle.feature_extractor(
+            [chunk.audio for chunk in chunks], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features
+        return run_encoder(self.bundle, features.to(self.bundle.model.device))
+
+    def decode(self, hidden: torch.Tensor, prompts: list[list[int]]) -> list:
+        """Every window decoded at the first temperature; those that fail the thresholds again,
+        together, at the next (`longform.judge_window`, the sequential loop's rules)."""
+        decisions: list = [None] * len(prompts)
+        attempts: list[list[WindowTokens]] = [[] for _ in prompts]
+        todo = list(range(len(prompts)))
+        temperatures = self.options.temperature
+        for step, temperature in enumerate(temperatures):
+            options = replace(self.decode_options, temperature=temperature)
+            results = decode_windows(
+                self.bundle, hidden[todo], [prompts[i] for i in todo], adapted=self.adapted, options=options,
+                generator=self.generator,
+            )
+            again = []
+            for i, result in zip(todo, results):
+                decoded = WindowTokens(
+                    tokens=result.tokens, token_logprobs=result.token_logprobs, no_speech_prob=result.no_speech_prob,
+                    forward_calls=result.forward_calls, accepted=dict(result.accepted),
+                )
+                attempts[i].append(decoded)
+                decision = judge_window(decoded, temperature, self.options, self.ids, tuple(attempts[i]),
+                                        last=step == len(temperatures) - 1)
+                if decision is None:
+                    again.append(i)
+                else:
+                    decisions[i] = decision
+            if not again:
+                break
+            todo = again
+        return decisions
+
+
+def _segments(ids: SpecialTokens, chunk: _Chunk, decision) -> list[dict]:
+    """A chunk's tokens → segments at their times in the file; text after the last timestamp
+    pair (the window ends mid-segment) becomes a last segment that ends with the chunk."""
+    tokens = list(decision.decoded.tokens)
+    if tokens and tokens[-1] == ids.eot:
+        tokens.pop()
+    seek = chunk.start // HOP
+    frames = min(WINDOW_FRAMES, -(-len(chunk.audio) // HOP))
+    if not tokens:
+        return []
+    pieces, advance = split_segments(tokens, seek, frames, ids.timestamp_begin)
+    found = [dict(start=p.start, end=p.end, tokens=p.tokens, words=()) for p in pieces]
+    used = sum(len(p.tokens) for p in pieces)
+    rest = tokens[used:]
+    if advance < frames and any(t < ids.eot for t in rest):
+        end = (seek + frames) * FEATURE_PRECISION
+        found.append(dict(start=pieces[-1].end if pieces else seek * FEATURE_PRECISION, end=end, tokens=tuple(rest), words=()))
+    return found
+
+
+def transcribe_batch(
+    audios: Sequence[AudioInput],
+    *,
+    model: Union[str, WhisperBundle] = "tiny.en",
+    adapter: AdapterArgument = "auto",
+    device: str = "cpu",
+    batch_size: int = 8,
+    options=None,
+    progress: Optional[Callable[[float], None]] = None,
+    **decoding,
+) -> list[Transcription]:
+    """Transcribe many inputs, and long ones, `batch_size` windows at a time (module doc).
+
+    audios: paths FFmpeg reads or 16 kHz mono float32 arrays; one `Transcription` each, in order.
+    model, adapter, device, options (or its fields as keywords): as `transcribe()`'s.
+    `adapter=None` decodes with our own plain loop (γ = 0), batched too. `beam_size` > 1 and
+    `condition_on_previous_text` do not apply: chunks are decoded greedily (sampled at the
+    fallback temperatures) and independently.
+    batch_size: windows per encoder and decoder call (8 is faster-whisper's default).
+    progress: called with the seconds of audio done (over all inputs) after every batch.
+    """
+    from .transcribe import TranscribeOptions, get_bundle
+
+    if isinstance(audios, (str, np.ndarray)) or not isinstance(audios, Sequence):
+        raise TypeError("transcribe_batch takes a list of inputs (paths or arrays)")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer ≥ 1, not {batch_size!r}")
+    if options is not None and decoding:
+        raise TypeError("pass either options= or its fields as keywords, not both")
+    options = options or TranscribeOptions(**decoding)
+    if options.beam_size > 1:
+        logger.warning("beam_size=%d is ignored by batched transcription (greedy)", options.beam_size)
+    bundle = with_compute_type(get_bundle(model, device=device), options.compute_type)
+    language = validate_language(bundle, options.language)
+    if options.task == "translate" and not is_multilingual(bundle):
+        raise ValueError(f"{bundle.name} is an English-only model: it cannot translate")
+    adapted = resolve_adapter(bundle, adapter) if adapter is not None else None
+    transcriber = BatchedTranscriber(bundle, adapted, options, batch_size=batch_size, device=device)
+    ids = transcriber.ids
+    context = [tuple(prompt_text_tokens(bundle, options.initial_prompt))] if options.initial_prompt else []
+    prefix = previous_tokens(context, ids) if context else []
+
+    waveforms = [load_audio(audio) for audio in audios]
+    chunks = []
+    t0 = time.perf_counter()
+    for source, waveform in enumerate(waveforms):
+        for start, end in speech_chunks(waveform):
+            if (end - start) // HOP >= MIN_WINDOW_FRAMES:  # (as the sequential loop: no word fits)
+                chunks.append(_Chunk(source, start, waveform[start:end]))
+    vad_seconds = time.perf_counter() - t0
+    logger.info("%d chunks of speech in %d input(s) (voice activity detection: %.1f s)", len(chunks), len(waveforms), vad_seconds)
+
+    languages: list[Optional[str]] = [language] * len(waveforms)
+    segments: list[list[Segment]] = [[] for _ in waveforms]
+    skipped = [0] * len(waveforms)
+    windows = [0] * len(waveforms)
+    last_speech = [0.0] * len(waveforms)  # end of each input's last word so far (word timestamps)
+    counters = [StatsCounter() for _ in waveforms]
+    done_seconds = 0.0
+    for first in range(0, len(chunks), batch_size):
+        batch = chunks[first : first + batch_size]
+        t0 = time.perf_counter()
+        hidden = transcriber.encode(batch)
+        prompts = []
+        for row, chunk in enumerate(batch):
+            if languages[chunk.source] is None:  # detected once per input, on its first chunk
+                languages[chunk.source] = detect_language(bundle, hidden[row : row + 1])
+            prompts.append(prefix + initial_tokens(bundle, languages[chunk.source], options.task, options.without_timestamps))
+        t1 = time.perf_counter()
+        decisions = transcriber.decode(hidden, prompts)
+        t2 = time.perf_counter()
+        for row, (chunk, decision) in enumerate(zip(batch, decisions)):
+            source, counter = chunk.source, counters[chunk.source]
+            # each input's share of the batch's time: its share of the batch's windows
+            counter.encode_seconds += (t1 - t0) / len(batch)
+            counter.decode_seconds += (t2 - t1) / len(batch)
+            for attempt in decision.attempts:
+                counter.add(tokens=len(attempt.tokens), forward_calls=attempt.forward_calls, accepted=attempt.accepted)
+            windows[source] += 1
+            if decision.skip:
+                skipped[source] += 1
+                continue
+            found = _segments(ids, chunk, decision)
+            language = languages[source]
+            if options.word_timestamps and found:
+                sot_sequence = initial_tokens(bundle, language, options.task, without_timestamps=True)[:-1]
+                frames = min(WINDOW_FRAMES, -(-len(chunk.audio) // HOP))
+                last_speech[source] = add_word_timestamps(
+                    bundle, hidden[row : row + 1], sot_sequence, found, frames, chunk.start / SAMPLE_RATE,
+                    last_speech[source], language,
+                )
+            for piece in found:
+                segments[source].append(Segment(
+                    start=piece["start"], end=piece["end"],
+                    text=bundle.tokenizer.decode([t for t in piece["tokens"] if t < ids.eot]).strip(),
+                    tokens=piece["tokens"], avg_logprob=decision.avg_logprob,
+                    compression_ratio=decision.compression_ratio, no_speech_prob=decision.decoded.no_speech_prob,
+                    temperature=decision.temperature, words=piece["words"],
+                ))
+        done_seconds += sum(len(chunk.audio) for chunk in batch) / SAMPLE_RATE
+        if progress is not None:
+            progress(done_seconds)
+
+    results = []
+    for source, waveform in enumerate(waveforms):
+        tokens = tuple(t for segment in segments[source] for t in segment.tokens)
+        results.append(Transcription(
+            text=bundle.tokenizer.decode([t for t in tokens if t < ids.eot]).strip(), tokens=tokens,
+            language=languages[source] or "en", segments=tuple(segments[source]),
+            duration=len(waveform) / SAMPLE_RATE, stats=counters[source].stats(), windows=windows[source],
+            skipped=skipped[source],
+        ))
+    return results
