@@ -72,3 +72,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_random_whisper():
+    """An enumerable random Whisper (vocabulary of V tokens) with a random LoRA adapter: the
+    sampling tests compare against its exact, teacher-forced sequence probabilities."""
+    from peft import get_peft_model
+    from sampling_check import V
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from crosswhisper.dual_stream import StreamGate
+    from crosswhisper.whisper import LORA
+
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+        max_source_positions=6, max_target_positions=16, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0, decoder_start_token_id=0,
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():  # sharpen the random model so that P is far from uniform
+        model.proj_out.weight.mul_(8.0)
+    peft_model = get_peft_model(model, LORA.config(rank=4, alpha=64, random_init=True)).eval()
+    encoder_states = torch.randn(1, 6, 16)
+    return peft_model, StreamGate(peft_model), encoder_states

@@ -3,11 +3,11 @@ whose sequence distribution can be enumerated."""
 
 import pytest
 import torch
-from sampling_check import LENGTH, START, V, assert_samples_follow, sequence_probabilities, teacher_forcing_inputs
+from sampling_check import LENGTH, START, assert_samples_follow, sequence_probabilities, teacher_forcing_inputs
 
 from crosswhisper import transcribe
 from crosswhisper.decoding import DecodeOptions, decode
-from crosswhisper.dual_stream import HFDualStream, StreamGate
+from crosswhisper.dual_stream import HFDualStream
 from crosswhisper.metrics import word_error_rate
 from crosswhisper.lora import load_adapter, new_adapter, save_adapter, shipped_adapter
 from crosswhisper.whisper import decode_window, decoder_prompt, encode, generate_greedy, get_bundle
@@ -264,27 +264,7 @@ def test_invalid_decoding_values_are_refused(kwargs, test_clean):
 # --- sampling exactness through the real dual-stream module, on an enumerable Whisper ---------
 
 
-@pytest.fixture(scope="module")
-def tiny_random_whisper():
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = WhisperConfig(
-        vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
-        max_source_positions=6, max_target_positions=16, pad_token_id=0, bos_token_id=0,
-        eos_token_id=0, decoder_start_token_id=0,
-    )
-    model = WhisperForConditionalGeneration(config).eval()
-    with torch.no_grad():  # sharpen the random model so that P is far from uniform
-        model.proj_out.weight.mul_(8.0)
-    from peft import get_peft_model
-
-    from crosswhisper.whisper import LORA
-
-    peft_model = get_peft_model(model, LORA.config(rank=4, alpha=64, random_init=True)).eval()
-    encoder_states = torch.randn(1, 6, 16)
-    return peft_model, StreamGate(peft_model), encoder_states
+# (the toy model: `tiny_random_whisper` in conftest.py)
 
 
 def _streams(peft_model, gate, encoder_states, drafting, one_row=False):
