@@ -67,7 +67,9 @@ def test_transcribe_batch_does_not_depend_on_batch_size(tiny, longform, test_cle
     bundle, _ = tiny
     path, reference = longform
     inputs = [path] + [p for _, p, _ in test_clean[:3]]
+    threads = torch.get_num_threads()
     one = transcribe_batch(inputs, model=bundle, batch_size=1, gamma=3)
+    assert torch.get_num_threads() == threads  # (importing silero_vad sets torch's threads to 1)
     four = transcribe_batch(inputs, model=bundle, batch_size=4, gamma=3)
     assert [r.tokens for r in four] == [r.tokens for r in one]
     long = four[0]

@@ -67,10 +67,16 @@ SPEECH_PAD_MS = 400
 
 
 @lru_cache(maxsize=1)
-def _vad_model():
-    from silero_vad import load_silero_vad
-
-    return load_silero_vad()
+def _vad():
+    """silero-vad's sequence model (onnxruntime: a block of frames per call, the same
+    probabilities as its per-frame model) and its speech-timestamps function."""
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad
+        from silero_vad.sequence_vad import get_speech_timestamps_sequence
+    finally:
+        torch.set_num_threads(threads)  # importing silero_vad sets torch's threads to 1
+    return load_silero_vad(sequence=True), get_speech_timestamps_sequence
 
 
 def speech_chunks(audio: np.ndarray, *, max_seconds: float = MAX_CHUNK_SECONDS) -> list[tuple[int, int]]:
@@ -79,18 +85,16 @@ def speech_chunks(audio: np.ndarray, *, max_seconds: float = MAX_CHUNK_SECONDS) 
     quietest point). Audio of one window or less is one chunk, undetected (the no-speech rule
     judges its silence, as in `transcribe()`). Starts fall on a log-mel frame (a multiple of 160 samples), so a chunk's
     timestamps are exact times in the file."""
-    from silero_vad import get_speech_timestamps
-
     if audio.size == 0:
         return []
     if audio.size <= max_seconds * SAMPLE_RATE:  # one window already: nothing to cut
         return [(0, audio.size)]
-    with torch.inference_mode():
-        speech = get_speech_timestamps(
-            torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), _vad_model(), threshold=VAD_THRESHOLD,
-            sampling_rate=SAMPLE_RATE, min_silence_duration_ms=MIN_SILENCE_MS, speech_pad_ms=SPEECH_PAD_MS,
-            max_speech_duration_s=max_seconds - 2 * SPEECH_PAD_MS / 1000,
-        )
+    model, speech_timestamps = _vad()
+    speech = speech_timestamps(
+        np.ascontiguousarray(audio, dtype=np.float32), model, threshold=VAD_THRESHOLD, sampling_rate=SAMPLE_RATE,
+        min_silence_duration_ms=MIN_SILENCE_MS, speech_pad_ms=SPEECH_PAD_MS,
+        max_speech_duration_s=max_seconds - 2 * SPEECH_PAD_MS / 1000,
+    )
     limit = int(max_seconds * SAMPLE_RATE)
     chunks: list[list[int]] = []
     for piece in speech:
