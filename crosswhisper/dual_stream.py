@@ -48,7 +48,7 @@ import logging
 import statistics
 import time
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -424,15 +424,40 @@ class HFDualStream:
         self._cache = None
         self._rows = 2 if drafting else 1
         self._audio_keys_values = None  # [(keys, values)] per layer, computed on first use
+        self.reset(1)
 
-    def reset(self, batch: int) -> None:
-        if batch != 1:
-            raise NotImplementedError("batched decoding of several sequences is not implemented yet")
+    def reset(self, batch: int, padding: Optional[Sequence[int]] = None) -> None:
+        if batch != 1 and self.encoder_hidden_states is not None:
+            raise NotImplementedError("HFDualStream decodes one Whisper window; batches of windows run on WhisperStreams")
+        self.batch = batch
         self.length = 0
         self._block = 0
         self._cache = None
         self._tokens = torch.empty(0, dtype=torch.long)
         self._block_tokens = self._tokens
+        # batches (`_forward_rows`): every row's block goes to the same cache slots; a row reads
+        # only its own live slots (its padding and the drafts it rejected stay behind, dead)
+        self._pad = list(padding) if padding is not None else [0] * batch
+        self._lengths = [0] * batch  # committed tokens per row (its next position)
+        self._live = torch.zeros(batch, 0, dtype=torch.bool)  # [rows, slots]: what each row may read
+        self._row_tokens = [torch.empty(0, dtype=torch.long) for _ in range(batch)]
+        self._slots = 0  # cache length, dead slots included
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these sequences of the batch (their control and predictive rows)."""
+        rows = list(rows)
+        batch = self.batch
+        keep = rows + [batch + row for row in rows] if self._rows == 2 else rows
+        index = torch.tensor(keep, dtype=torch.long)
+        if self._cache is not None:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)]
+        self._live = self._live[torch.tensor(rows)]
+        self._pad = [self._pad[row] for row in rows]
+        self._lengths = [self._lengths[row] for row in rows]
+        self._row_tokens = [self._row_tokens[row] for row in rows]
+        self._block_tokens = [self._block_tokens[row] for row in rows]
+        self.batch = len(rows)
 
     def _new_cache(self):
         """A cache whose cross-attention part already holds the audio's keys/values.
@@ -461,6 +486,8 @@ class HFDualStream:
 
     @torch.inference_mode()
     def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor, *, branches: bool = False) -> BlockOutput:
+        if self.batch > 1:
+            return self._forward_rows(pending, drafts)
         r, gamma = pending.shape[1], drafts.shape[1]
         rows = self._rows
         two_rows = rows == 2
@@ -539,6 +566,84 @@ class HFDualStream:
             branch_logits=branch_logits,
         )
 
+    def _forward_rows(self, pending: torch.Tensor, drafts: torch.Tensor) -> BlockOutput:
+        """`forward_block` for B > 1 sequences (no blank branches): rows [0, B) the control
+        stream, [B, 2B) the predictive one. The block is written at the same cache slots in every
+        row, each row at its own positions, reading its own live slots."""
+        B, r, gamma = pending.shape[0], pending.shape[1], drafts.shape[1]
+        streams = self._rows
+        if gamma and streams != 2:
+            raise ValueError("drafts given to a control-only model (drafting=False)")
+        for length, pad in zip(self._lengths, self._pad):
+            if length + r - pad + gamma > self.max_length:
+                raise ValueError(f"block of {r - pad + gamma} tokens at {length} exceeds {self.max_length} positions")
+        if self._cache is None:
+            self._cache = self._new_cache()
+        device = pending.device
+        S, L = self._slots, r + gamma
+        block = torch.cat([pending, drafts], dim=1)
+        offsets = torch.tensor([length - pad for length, pad in zip(self._lengths, self._pad)], device=device)
+        positions = (offsets[:, None] + torch.arange(L, device=device)).clamp_min(0)  # padding: never read
+        allowed = torch.zeros(streams * B, L, S + L, dtype=torch.bool, device=device)
+        live = self._live.to(device)
+        patterns = [torch.tril(torch.ones(L, L, dtype=torch.bool, device=device))]
+        if streams == 2:  # the predictive stream's pattern, as training builds it
+            patterns.append(block_mask(0, 0, L, torch.float32, pending=r, device=device)[0, 0] == 0)
+        for stream, pattern in enumerate(patterns):
+            rows = slice(stream * B, (stream + 1) * B)
+            allowed[rows, :, :S] = live[:, None, :]
+            allowed[rows, :, S:] = pattern
+            for row, pad in enumerate(self._pad):
+                if pad:  # nobody reads the padding; each padding token reads itself (a softmax needs one)
+                    allowed[stream * B + row, :, S : S + pad] = False
+                    allowed[stream * B + row, torch.arange(pad), S + torch.arange(pad)] = True
+        dtype = self.lm_head.weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        if streams == 2:
+            self.gate.select(slice(B, 2 * B), 2 * B, device)
+        elif self.gate is not None:
+            self.gate.select(slice(0, 0), B, device)
+        kwargs = {}
+        if self.encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = self.encoder_hidden_states.expand(streams * B, -1, -1)
+        with attention_backends(device):
+            hidden = self.decoder(
+                input_ids=block.repeat(streams, 1), **cache_argument(self.decoder, self._cache),
+                position_ids=positions.repeat(streams, 1), attention_mask=mask.unsqueeze(1), use_cache=True, **kwargs,
+            ).last_hidden_state
+        self._block = L
+        logits = project(hidden[:, r - 1 : L], self.lm_head, self.head_dtype).view(streams, B, gamma + 1, -1)
+        self._block_tokens = [block[row, pad:] for row, pad in enumerate(self._pad)]
+        for row in range(B):
+            index = torch.arange(gamma + 1, device=device) + self._lengths[row] + r - self._pad[row]
+            sequence = torch.cat([self._row_tokens[row].to(device), self._block_tokens[row]])
+            logits[:, row] = self.process_logits(logits[:, row], index, sequence)
+        return BlockOutput(control_logits=logits[CONTROL], predictive_logits=logits[PREDICTIVE] if streams == 2 else None)
+
+    def _commit_rows(self, keeps: Sequence[int]) -> None:
+        """`commit` for B > 1 sequences: the kept tokens become live in their row; the cache
+        keeps the block up to the longest kept prefix (the rest of each row's block is dead)."""
+        if len(keeps) != self.batch:
+            raise ValueError(f"{len(keeps)} counts to keep for {self.batch} rows")
+        S, L = self._slots, self._block
+        new = torch.zeros(self.batch, L, dtype=torch.bool)
+        for row, (count, pad) in enumerate(zip(keeps, self._pad)):
+            if not 0 <= count <= L - pad:
+                raise ValueError(f"cannot keep {count} of a {L - pad}-token block")
+            new[row, pad : pad + count] = True
+            self._lengths[row] += count
+            self._row_tokens[row] = torch.cat([self._row_tokens[row], self._block_tokens[row][:count].cpu()])
+        end = S + max(pad + count for pad, count in zip(self._pad, keeps))
+        cache = getattr(self._cache, "self_attention_cache", self._cache)
+        cache.crop(-(S + L - end))
+        if self._rows == 2:  # the predictive rows read the control stream's prefix
+            B = self.batch
+            for layer in cache.layers:
+                layer.keys[B:, :, S:end] = layer.keys[:B, :, S:end]
+                layer.values[B:, :, S:end] = layer.values[:B, :, S:end]
+        self._live = torch.cat([self._live, new[:, : end - S]], dim=1)
+        self._slots, self._pad, self._block = end, [0] * self.batch, 0
+
     def _block_mask(self, past: int, r: int, gamma: int, device, *, branches: bool = False) -> torch.Tensor:
         """Additive mask [2, 1, T, past+T] over the block (r pending tokens, γ drafts) and, with
         `branches`, the γ+1 blank branches after it (T = r + γ + (γ+1)²): row 0 causal (its
@@ -564,8 +669,13 @@ class HFDualStream:
         return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
 
     @torch.inference_mode()
-    def commit(self, keep: int) -> None:
-        """Keep the first `keep` tokens of the last block in the caches (0: drop the whole block)."""
+    def commit(self, keep: Union[int, Sequence[int]]) -> None:
+        """Keep the first `keep` tokens of the last block in the caches (0: drop the whole block);
+        one count per sequence in a batch."""
+        if self.batch > 1:
+            return self._commit_rows(list(keep))
+        if not isinstance(keep, int):
+            (keep,) = keep
         if not 0 <= keep <= self._block:
             raise ValueError(f"cannot keep {keep} of a {self._block}-token block")
         start, self.length = self.length, self.length + keep

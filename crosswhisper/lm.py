@@ -27,7 +27,7 @@ import torch
 
 from .decoding import DecodeOptions, DecodeResult
 from .dual_stream import HFDualStream
-from .engine import decode_prompt, default_gamma, reference_generation_config, sampling_generator
+from .engine import decode_prompts, default_gamma, reference_generation_config, sampling_generator
 from .lora import AdaptedModel, AdapterArgument, LoraRecipe, resolve_adapter
 from .results import DecodingStats
 
@@ -199,9 +199,23 @@ def decode_tokens(
     generator: Optional[torch.Generator] = None,
 ) -> DecodeResult:
     """Our loop over token ids: cross-regressive with an adapter (γ ≥ 1), else plain AR."""
+    return decode_token_batch(lm, [prompt], adapted=adapted, options=options, generator=generator)[0]
+
+
+def decode_token_batch(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    adapted: Optional[AdaptedModel],
+    options: DecodeOptions,
+    generator: Optional[torch.Generator] = None,
+) -> list[DecodeResult]:
+    """`decode_tokens` over several prompts at once (DESIGN §1.6): one batch, prompts of
+    different lengths left-padded; each row's tokens are its prompt's decoded alone."""
     max_length = lm.model.config.max_position_embeddings
-    if len(prompt) >= max_length:
-        raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's {max_length} positions")
+    for prompt in prompts:
+        if len(prompt) >= max_length:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's {max_length} positions")
     causal_lm = adapted.peft_model.base_model.model if adapted is not None else lm.model
 
     def streams(drafting: bool) -> HFDualStream:
@@ -216,8 +230,8 @@ def decode_tokens(
             placeholder_id=lm.placeholder_id,
         )
 
-    return decode_prompt(
-        prompt,
+    return decode_prompts(
+        prompts,
         streams=streams,
         drafting_possible=adapted is not None,
         options=options,
@@ -255,11 +269,12 @@ def generate(
     max_new_tokens: int = 256,
     seed: Optional[int] = None,
     device: str = "cpu",
-) -> Generation:
+) -> Union[Generation, list[Generation]]:
     """Generate a continuation with a causal LM, decoded by Cross-Regression.
 
     prompt: raw text (continued as is) or chat messages (the model's chat template is applied
-        and the assistant turn opened).
+        and the assistant turn opened); or a list of such prompts, decoded as one batch
+        (`generate_batch`) → a list of `Generation`s.
     model: a bundled name (default: SmolLM2-135M-Instruct, offline), a GGUF file, a directory,
         a Hugging Face id, or a loaded `LanguageModel`.
     adapter: "auto" → the adapter shipped for these weights (our own plain loop where none
@@ -271,6 +286,9 @@ def generate(
     max_new_tokens: generated tokens at most (end-of-sequence included).
     seed: seeds the sampler for reproducible output.
     """
+    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict):
+        return generate_batch(prompt, model=model, adapter=adapter, gamma=gamma, beta=beta, tau=tau,
+                              temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, device=device)
     if gamma is None:
         gamma = default_gamma(DEFAULT_GAMMA, device)
     options = DecodeOptions(gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=max_new_tokens)
@@ -298,3 +316,47 @@ def generate(
         finish_reason="stop" if stopped else "length",
         stats=stats,
     )
+
+
+def generate_batch(
+    prompts: Sequence[Prompt],
+    *,
+    model: Union[str, LanguageModel] = DEFAULT_LM,
+    adapter: AdapterArgument = "auto",
+    gamma: Optional[int] = None,
+    beta: float = 0.0,
+    tau: float = 0.0,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    seed: Optional[int] = None,
+    device: str = "cpu",
+) -> list[Generation]:
+    """`generate` for several prompts, decoded as one batch by our loop (with the adapter, or
+    plain with `adapter=None` or `gamma=0`): every row is token-identical to its prompt
+    generated alone (greedy), and sampled rows keep their distribution. Each `Generation`'s
+    stats count its own tokens and calls; `decode_seconds` is the batch's time."""
+    if not prompts:
+        raise ValueError("generate_batch needs at least one prompt")
+    if gamma is None:
+        gamma = default_gamma(DEFAULT_GAMMA, device)
+    options = DecodeOptions(gamma=gamma, beta=beta, tau=tau, temperature=temperature, max_new_tokens=max_new_tokens)
+    lm = get_lm(model, device=device)
+    ids = [encode_prompt(lm, prompt) for prompt in prompts]
+    adapted = resolve_adapter(lm, adapter) if adapter is not None else None
+    generator = sampling_generator(temperature, seed, device, reference=False)
+    start = time.perf_counter()
+    results = decode_token_batch(lm, ids, adapted=adapted, options=options, generator=generator)
+    seconds = time.perf_counter() - start
+    generations = []
+    for prompt_ids, result in zip(ids, results):
+        tokens = result.tokens
+        stats = DecodingStats.from_counts(
+            forward_calls=result.forward_calls, generated_tokens=len(tokens), accepted=result.accepted,
+            decode_seconds=seconds,
+        )
+        generations.append(Generation(
+            text=lm.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tuple(tokens),
+            prompt_tokens=len(prompt_ids), finish_reason="stop" if tokens and tokens[-1] in lm.eos_token_ids else "length",
+            stats=stats,
+        ))
+    return generations

@@ -14,6 +14,7 @@ from crosswhisper.lm import (
     DEFAULT_LM,
     Generation,
     LanguageModel,
+    decode_token_batch,
     decode_tokens,
     encode_prompt,
     generate,
@@ -68,6 +69,37 @@ def test_shipped_adapter_greedy_is_token_identical_and_drafts(smollm, references
         out = generate(prompt, model=smollm, max_new_tokens=MAX_NEW)  # adapter="auto", default γ
         assert list(out.tokens) == reference, prompt
         assert out.stats.forward_calls <= len(reference)
+
+
+@pytest.mark.parametrize("gamma", [0, 4])
+def test_batched_rows_are_token_identical_to_generate(smollm, references, gamma):
+    """The prompts as one batch (different lengths: left-padded; rows accept different numbers
+    of drafts and stop apart): every row equals transformers' greedy `generate` of its prompt."""
+    adapted = new_adapter(smollm, rank=8, random_init=True, seed=1)  # the worst drafter: rows diverge
+    ids = [encode_prompt(smollm, prompt) for prompt in PROMPTS]
+    assert len({len(i) for i in ids}) > 1
+    out = decode_token_batch(smollm, ids, adapted=adapted, options=DecodeOptions(gamma=gamma, max_new_tokens=MAX_NEW))
+    assert [r.tokens for r in out] == references
+    batch = generate(PROMPTS, model=smollm, max_new_tokens=MAX_NEW)  # a list → a batch, shipped adapter
+    assert [list(g.tokens) for g in batch] == references
+    assert all(g.stats.tokens_per_forward >= 1 for g in batch)
+
+
+@pytest.mark.slow  # statistical, ~10 s
+def test_batched_sampling_matches_ancestral_sampling(toy_llama, one_thread):
+    """Two prompts of different lengths sampled as one batch: each row's sequences follow the
+    base model's distribution after its prompt."""
+    toy, adapted = toy_llama
+    inputs = teacher_forcing_inputs()
+    with torch.no_grad():
+        exact = [sequence_probabilities(toy.model(inputs).logits),
+                 sequence_probabilities(toy.model(torch.cat([torch.full((len(inputs), 1), 2), inputs], 1)).logits[:, 1:])]
+    g = torch.Generator().manual_seed(5)
+    options = DecodeOptions(gamma=3, temperature=1.0, max_new_tokens=LENGTH)
+    draws = [decode_token_batch(toy, [[START], [2, START]], adapted=adapted, options=options, generator=g) for _ in range(2000)]
+    for row in range(2):
+        results = iter(draws)
+        assert_samples_follow(exact[row], lambda: (lambda r: (r[row].tokens, r[row].forward_calls))(next(results)))
 
 
 @pytest.mark.slow  # held-out figure, ~190 s

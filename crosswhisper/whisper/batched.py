@@ -7,7 +7,9 @@ faster-whisper's `BatchedInferencePipeline` pattern, exact per row:
     batches    the chunks of every input, in order, `batch_size` at a time: one encoder call,
                one `decode_windows` (our loop over B rows: each row is its window decoded alone)
     segments   each chunk is decoded with timestamps and cut into segments at timestamp pairs,
-               at their times in the file; text after the last pair ends at the chunk's end
+               at their times in the file; a decode that stops short of its chunk's end (text
+               after the last pair unfinished, or speech left undecoded) leaves the rest of the
+               chunk, from the last timestamp, to a later batch: Whisper's seek rule per chunk
     fallback   a chunk that fails the thresholds (compression ratio, log-probability) is decoded
                again at the next temperature, together with the other chunks that failed
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Optional, Sequence, Union
@@ -170,24 +173,28 @@ class BatchedTranscriber:
         return decisions
 
 
-def _segments(ids: SpecialTokens, chunk: _Chunk, decision) -> list[dict]:
-    """A chunk's tokens → segments at their times in the file; text after the last timestamp
-    pair (the window ends mid-segment) becomes a last segment that ends with the chunk."""
+def _segments(ids: SpecialTokens, chunk: _Chunk, decision) -> tuple[list[dict], Optional[int]]:
+    """A chunk's tokens → its segments at their times in the file, and where the rest of the
+    chunk starts (a sample in the file) when the decode stopped short of its end: Whisper's
+    seek rule (`longform.split_segments`), the unfinished text after the last timestamp pair
+    dropped, to be decoded again from there. None: the chunk is done."""
     tokens = list(decision.decoded.tokens)
     if tokens and tokens[-1] == ids.eot:
         tokens.pop()
+    if not tokens:
+        return [], None
     seek = chunk.start // HOP
     frames = min(WINDOW_FRAMES, -(-len(chunk.audio) // HOP))
-    if not tokens:
-        return []
     pieces, advance = split_segments(tokens, seek, frames, ids.timestamp_begin)
     found = [dict(start=p.start, end=p.end, tokens=p.tokens, words=()) for p in pieces]
-    used = sum(len(p.tokens) for p in pieces)
-    rest = tokens[used:]
-    if advance < frames and any(t < ids.eot for t in rest):
-        end = (seek + frames) * FEATURE_PRECISION
-        found.append(dict(start=pieces[-1].end if pieces else seek * FEATURE_PRECISION, end=end, tokens=tuple(rest), words=()))
-    return found
+    if 0 < advance and frames - advance >= MIN_WINDOW_FRAMES:
+        return found, chunk.start + advance * HOP
+    if advance < frames:  # (a rest too short to decode, or no progress at all: keep its text)
+        rest = tokens[sum(len(p.tokens) for p in pieces) :]
+        if any(t < ids.eot for t in rest):
+            end = (seek + frames) * FEATURE_PRECISION
+            found.append(dict(start=found[-1]["end"] if found else seek * FEATURE_PRECISION, end=end, tokens=tuple(rest), words=()))
+    return found, None
 
 
 def transcribe_batch(
@@ -248,9 +255,12 @@ def transcribe_batch(
     windows = [0] * len(waveforms)
     last_speech = [0.0] * len(waveforms)  # end of each input's last word so far (word timestamps)
     counters = [StatsCounter() for _ in waveforms]
+    speech_seconds = sum(len(chunk.audio) for chunk in chunks) / SAMPLE_RATE
+    total_seconds = sum(len(w) for w in waveforms) / SAMPLE_RATE
     done_seconds = 0.0
-    for first in range(0, len(chunks), batch_size):
-        batch = chunks[first : first + batch_size]
+    queue = deque(chunks)  # the chunks, then the rests of those whose decode stopped short
+    while queue:
+        batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
         t0 = time.perf_counter()
         hidden = transcriber.encode(batch)
         prompts = []
@@ -271,8 +281,13 @@ def transcribe_batch(
             windows[source] += 1
             if decision.skip:
                 skipped[source] += 1
+                done_seconds += len(chunk.audio) / SAMPLE_RATE
                 continue
-            found = _segments(ids, chunk, decision)
+            found, rest = _segments(ids, chunk, decision)
+            end = chunk.start + len(chunk.audio)
+            if rest is not None:  # decoded again from its last timestamp, in a later batch
+                queue.append(_Chunk(source, rest, waveforms[source][rest:end]))
+            done_seconds += ((rest if rest is not None else end) - chunk.start) / SAMPLE_RATE
             language = languages[source]
             if options.word_timestamps and found:
                 sot_sequence = initial_tokens(bundle, language, options.task, without_timestamps=True)[:-1]
@@ -289,12 +304,12 @@ def transcribe_batch(
                     compression_ratio=decision.compression_ratio, no_speech_prob=decision.decoded.no_speech_prob,
                     temperature=decision.temperature, words=piece["words"],
                 ))
-        done_seconds += sum(len(chunk.audio) for chunk in batch) / SAMPLE_RATE
-        if progress is not None:
-            progress(done_seconds)
+        if progress is not None:  # in audio seconds: the share of the speech decoded so far
+            progress(total_seconds * min(1.0, done_seconds / speech_seconds))
 
     results = []
     for source, waveform in enumerate(waveforms):
+        segments[source].sort(key=lambda segment: segment.start)  # (the rests of chunks come later)
         tokens = tuple(t for segment in segments[source] for t in segment.tokens)
         results.append(Transcription(
             text=bundle.tokenizer.decode([t for t in tokens if t < ids.eot]).strip(), tokens=tokens,
