@@ -19,6 +19,7 @@ _EXPORTS = {
     "WhisperBundle": ".whisper",
     "load_whisper": ".whisper",
     "transcribe": ".whisper",
+    "transcribe_batch": ".whisper",
     "get_writer": ".writers",
 }
 __all__ = list(_EXPORTS)

@@ -430,6 +430,7 @@ class HFDualStream:
         if batch != 1 and self.encoder_hidden_states is not None:
             raise NotImplementedError("HFDualStream decodes one Whisper window; batches of windows run on WhisperStreams")
         self.batch = batch
+        self._batched = batch > 1  # the rows' state below, until the next reset (rows may leave)
         self.length = 0
         self._block = 0
         self._cache = None
@@ -486,7 +487,7 @@ class HFDualStream:
 
     @torch.inference_mode()
     def forward_block(self, pending: torch.Tensor, drafts: torch.Tensor, *, branches: bool = False) -> BlockOutput:
-        if self.batch > 1:
+        if self._batched:
             return self._forward_rows(pending, drafts)
         r, gamma = pending.shape[1], drafts.shape[1]
         rows = self._rows
@@ -672,8 +673,8 @@ class HFDualStream:
     def commit(self, keep: Union[int, Sequence[int]]) -> None:
         """Keep the first `keep` tokens of the last block in the caches (0: drop the whole block);
         one count per sequence in a batch."""
-        if self.batch > 1:
-            return self._commit_rows(list(keep))
+        if self._batched:
+            return self._commit_rows([keep] if isinstance(keep, int) else list(keep))
         if not isinstance(keep, int):
             (keep,) = keep
         if not 0 <= keep <= self._block:

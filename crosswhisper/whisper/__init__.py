@@ -5,10 +5,13 @@
     cache.py       the on-disk cache of converted models
     decode.py      one 30 s window: features, prompt, language, logits processing, decoding
     transcribe.py  `TranscribeOptions`, `transcribe()` in steps
+    batched.py     `transcribe_batch()`: voice-activity chunks, B windows per call
 """
 
+from .batched import transcribe_batch
 from .decode import (
     decode_window,
+    decode_windows,
     decoder_prompt,
     detect_language,
     dual_streams,
@@ -24,7 +27,7 @@ from .transcribe import DEFAULT_GAMMA, TranscribeOptions, get_bundle, transcribe
 
 __all__ = [
     "BUNDLED_MODELS", "DEFAULT_GAMMA", "LORA", "ModelNotAvailableError", "TranscribeOptions", "WhisperBundle",
-    "bundled_model_dir", "decode_window", "decoder_prompt", "detect_language", "dual_streams", "encode",
+    "bundled_model_dir", "decode_window", "decode_windows", "decoder_prompt", "detect_language", "dual_streams", "encode",
     "generate_greedy", "get_bundle", "is_multilingual", "load_whisper", "logits_processor", "special_id",
-    "transcribe", "validate_language",
+    "transcribe", "transcribe_batch", "validate_language",
 ]
