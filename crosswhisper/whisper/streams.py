@@ -256,8 +256,10 @@ class WhisperStreams:
             return
         w = self.weights
         size = max(end, self.max_length + 64)
-        keys = like.new_empty(len(w.layers), like.shape[0], w.heads, size, w.head_dim)
-        values = torch.empty_like(keys)
+        # zeros, not empty: a row of a ragged batch reads (masked) slots it never wrote, and an
+        # additive mask does not hide a NaN that uninitialised memory may hold
+        keys = like.new_zeros(len(w.layers), like.shape[0], w.heads, size, w.head_dim)
+        values = torch.zeros_like(keys)
         if self._keys is not None:
             keys[:, :, :, :capacity] = self._keys
             values[:, :, :, :capacity] = self._values
