@@ -78,6 +78,8 @@ def test_transcribe_batch_does_not_depend_on_batch_size(tiny, longform, test_cle
     starts = [s.start for s in long.segments]
     assert starts == sorted(starts) and 0 <= starts[0] and long.segments[-1].end <= long.duration + 0.5
     assert all(s.end > s.start for s in long.segments)
+    # subtitles never overlap: no segment runs past its chunk's audio, chunks are disjoint
+    assert all(a.end <= b.start + 1e-6 for a, b in zip(long.segments, long.segments[1:]))
     assert long.stats.tokens_per_forward > 1.2  # drafted
     assert word_error_rate([text for _, _, text in test_clean[:3]], [r.text for r in four[1:]]) < 0.15
     get_writer("srt", tmp_path)(long, path)
@@ -95,6 +97,18 @@ def test_speech_chunks_cut_long_audio_at_pauses(longform):
     assert all(start % 160 == 0 for start, _ in chunks)  # on a log-mel frame: exact timestamps
     assert speech_chunks(audio[: 10 * 16000]) == [(0, 10 * 16000)]  # one window: not cut
     assert speech_chunks(np.zeros(60 * 16000, dtype=np.float32)) == []  # a minute of silence: nothing to decode
+
+
+def test_silence_and_clicks_give_empty_transcripts(tiny, test_clean):
+    """Digital silence, a 50 ms click and white noise batched with speech: nothing invented for
+    them, the speech transcribed (the sequential loop's rules)."""
+    bundle, _ = tiny
+    noise = np.random.default_rng(0).normal(0, 0.1, 20 * 16000).astype(np.float32)
+    click = np.random.default_rng(1).normal(0, 0.3, 800).astype(np.float32)
+    inputs = [np.zeros(10 * 16000, dtype=np.float32), click, noise, load_audio(test_clean[0][1])]
+    results = transcribe_batch(inputs, model=bundle, batch_size=4)
+    assert [r.text for r in results[:3]] == ["", "", ""]
+    assert word_error_rate([test_clean[0][2]], [results[3].text]) < 0.25
 
 
 def test_batch_size_is_validated(tiny, test_clean):

@@ -10,6 +10,8 @@ faster-whisper's `BatchedInferencePipeline` pattern, exact per row:
                at their times in the file; a decode that stops short of its chunk's end (text
                after the last pair unfinished, or speech left undecoded) leaves the rest of the
                chunk, from the last timestamp, to a later batch: Whisper's seek rule per chunk
+               (a rest under `MIN_REST_SECONDS` keeps the unfinished text instead); segments are
+               clipped to their chunk's audio, so a file's segments never overlap
     fallback   a chunk that fails the thresholds (compression ratio, log-probability) is decoded
                again at the next temperature, together with the other chunks that failed
 
@@ -42,6 +44,7 @@ from .longform import (
     FEATURE_PRECISION,
     HOP,
     MIN_WINDOW_FRAMES,
+    SILENCE_PEAK,
     WINDOW_FRAMES,
     SpecialTokens,
     WindowTokens,
@@ -67,6 +70,10 @@ BATCHED_GAMMA = {"cpu": 0, "cuda": 4}
 VAD_THRESHOLD = 0.5
 MIN_SILENCE_MS = 160
 SPEECH_PAD_MS = 400
+# The rest of a chunk (after its last timestamp) is decoded again alone only when it holds this
+# much audio: a shorter one, padded to 30 s with silence, is mostly the VAD's padding, and
+# Whisper tends to invent a phrase for it (the unfinished text of the first decode is kept).
+MIN_REST_SECONDS = 1.0
 
 
 @lru_cache(maxsize=1)
@@ -102,6 +109,8 @@ def speech_chunks(audio: np.ndarray, *, max_seconds: float = MAX_CHUNK_SECONDS) 
     chunks: list[list[int]] = []
     for piece in speech:
         start = piece["start"] // HOP * HOP
+        if chunks and start < chunks[-1][1]:  # (two paddings may overlap by the rounding: keep times disjoint)
+            start = -(-chunks[-1][1] // HOP) * HOP
         end = min(piece["end"], start + limit)
         if chunks and end - chunks[-1][0] <= limit:
             chunks[-1][1] = max(chunks[-1][1], end)
@@ -186,14 +195,16 @@ def _segments(ids: SpecialTokens, chunk: _Chunk, decision) -> tuple[list[dict], 
     seek = chunk.start // HOP
     frames = min(WINDOW_FRAMES, -(-len(chunk.audio) // HOP))
     pieces, advance = split_segments(tokens, seek, frames, ids.timestamp_begin)
-    found = [dict(start=p.start, end=p.end, tokens=p.tokens, words=()) for p in pieces]
-    if 0 < advance and frames - advance >= MIN_WINDOW_FRAMES:
+    chunk_end = (seek + frames) * FEATURE_PRECISION
+    # a chunk is its audio padded with silence: what the decode places after the audio's end is
+    # not in the file (dropped), and no segment runs past it (so a file's segments never overlap)
+    found = [dict(start=p.start, end=min(p.end, chunk_end), tokens=p.tokens, words=()) for p in pieces if p.start < chunk_end]
+    if 0 < advance and (frames - advance) * FEATURE_PRECISION >= MIN_REST_SECONDS:
         return found, chunk.start + advance * HOP
     if advance < frames:  # (a rest too short to decode, or no progress at all: keep its text)
         rest = tokens[sum(len(p.tokens) for p in pieces) :]
         if any(t < ids.eot for t in rest):
-            end = (seek + frames) * FEATURE_PRECISION
-            found.append(dict(start=found[-1]["end"] if found else seek * FEATURE_PRECISION, end=end, tokens=tuple(rest), words=()))
+            found.append(dict(start=found[-1]["end"] if found else seek * FEATURE_PRECISION, end=chunk_end, tokens=tuple(rest), words=()))
     return found, None
 
 
@@ -244,8 +255,11 @@ def transcribe_batch(
     t0 = time.perf_counter()
     for source, waveform in enumerate(waveforms):
         for start, end in speech_chunks(waveform):
-            if (end - start) // HOP >= MIN_WINDOW_FRAMES:  # (as the sequential loop: no word fits)
-                chunks.append(_Chunk(source, start, waveform[start:end]))
+            audio = waveform[start:end]
+            # as the sequential loop: under 0.1 s no word fits, and on digital silence Whisper
+            # invents a phrase the no-speech rule does not always catch
+            if (end - start) // HOP >= MIN_WINDOW_FRAMES and np.abs(audio).max() >= SILENCE_PEAK:
+                chunks.append(_Chunk(source, start, audio))
     vad_seconds = time.perf_counter() - t0
     logger.info("%d chunks of speech in %d input(s) (voice activity detection: %.1f s)", len(chunks), len(waveforms), vad_seconds)
 
