@@ -13,7 +13,7 @@ from crosswhisper.decoding import DecodeOptions, decode_batch
 from crosswhisper.lora import resolve_adapter
 from crosswhisper.metrics import word_error_rate
 from crosswhisper.whisper import decoder_prompt, encode, get_bundle, transcribe
-from crosswhisper.whisper.batched import speech_chunks, transcribe_batch
+from crosswhisper.whisper.batched import _Chunk, _Schedule, speech_chunks, transcribe_batch
 from crosswhisper.whisper.decode import decode_window, decode_windows, special_id
 from crosswhisper.writers import get_writer
 
@@ -97,6 +97,26 @@ def test_speech_chunks_cut_long_audio_at_pauses(longform):
     assert all(start % 160 == 0 for start, _ in chunks)  # on a log-mel frame: exact timestamps
     assert speech_chunks(audio[: 10 * 16000]) == [(0, 10 * 16000)]  # one window: not cut
     assert speech_chunks(np.zeros(60 * 16000, dtype=np.float32)) == []  # a minute of silence: nothing to decode
+
+
+def test_a_rest_joins_its_inputs_next_chunk_when_both_fit():
+    """The schedule: even chunks first, an odd one once its predecessor is decoded, with that
+    one's rest prepended when the two fit in 30 s; other rests alone."""
+    second = 16000
+    audio = np.zeros(100 * second, dtype=np.float32)
+    spans = [(0, 25), (26, 40), (41, 70), (71, 99)]
+    chunks = [_Chunk(0, a * second, audio[a * second : b * second], i) for i, (a, b) in enumerate(spans)]
+    schedule = _Schedule(chunks, [audio])
+    first = schedule.next_batch(8)
+    assert [c.index for c in first] == [0, 2]  # 1 and 3 wait for their predecessors
+    schedule.done(first[0], 20 * second)  # 5 s left over: joins chunk 1 (20–40 s fits)
+    schedule.done(first[1], 50 * second)  # 20 s left over: 50–99 s does not fit, decoded alone
+    second_batch = schedule.next_batch(8)
+    assert [(c.index, c.start, c.end) for c in second_batch] == [
+        (1, 20 * second, 40 * second), (None, 50 * second, 70 * second), (3, 71 * second, 99 * second)]
+    for chunk in second_batch:
+        schedule.done(chunk, None)
+    assert not schedule
 
 
 def test_silence_and_clicks_give_empty_transcripts(tiny, test_clean):

@@ -9,7 +9,8 @@ faster-whisper's `BatchedInferencePipeline` pattern, exact per row:
     segments   each chunk is decoded with timestamps and cut into segments at timestamp pairs,
                at their times in the file; a decode that stops short of its chunk's end (text
                after the last pair unfinished, or speech left undecoded) leaves the rest of the
-               chunk, from the last timestamp, to a later batch: Whisper's seek rule per chunk
+               chunk, from the last timestamp, to a later batch: Whisper's seek rule per chunk,
+               the rest joined to the input's next chunk when both fit in one window (`_Schedule`)
                (a rest under `MIN_REST_SECONDS` keeps the unfinished text instead); segments are
                clipped to their chunk's audio, so a file's segments never overlap
     fallback   a chunk that fails the thresholds (compression ratio, log-probability) is decoded
@@ -124,6 +125,50 @@ class _Chunk:
     source: int  # index of the input it comes from
     start: int  # first sample in that input
     audio: np.ndarray  # its samples (≤ 30 s)
+    index: Optional[int] = None  # its place among its input's chunks (None: the rest of a chunk)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.audio)
+
+
+class _Schedule:
+    """Which chunks go into the next batch. A chunk whose decode stops short leaves a rest
+    (`_segments`); decoded alone, a rest is a short window padded with silence, so it is
+    prepended to its input's next chunk when both fit in one window (as Whisper's sequential
+    seek would see it: the rest followed by what comes after). For that, a chunk waits until
+    the one before it is decoded: the even chunks of every input go first, an odd one as soon
+    as its predecessor is done; rests that cannot join a chunk are decoded alone. What each
+    window holds depends only on earlier decodes, never on the batch size."""
+
+    def __init__(self, chunks: Sequence[_Chunk], waveforms: Sequence[np.ndarray]):
+        self.waveforms = waveforms
+        self.first = deque(c for c in chunks if c.index % 2 == 0)
+        self.waiting = {(c.source, c.index): c for c in chunks if c.index % 2 == 1}
+        self.ready: deque = deque()  # odd chunks whose predecessor is decoded, and lone rests
+        self.rests: dict[tuple[int, int], int] = {}  # (input, chunk index) → where a rest before it starts
+
+    def __bool__(self) -> bool:
+        return bool(self.first or self.waiting or self.ready)
+
+    def next_batch(self, size: int) -> list[_Chunk]:
+        batch = []
+        for queue in (self.first, self.ready):
+            while queue and len(batch) < size:
+                batch.append(queue.popleft())
+        return batch
+
+    def done(self, chunk: _Chunk, rest: Optional[int]) -> None:
+        """`chunk` is decoded; `rest`: where its undecoded rest starts (a sample), if any."""
+        following = None if chunk.index is None else self.waiting.pop((chunk.source, chunk.index + 1), None)
+        audio = self.waveforms[chunk.source]
+        if rest is not None:
+            if following is not None and following.end - rest <= MAX_CHUNK_SECONDS * SAMPLE_RATE:
+                following = _Chunk(chunk.source, rest, audio[rest : following.end], following.index)
+            else:
+                self.ready.append(_Chunk(chunk.source, rest, audio[rest : chunk.end]))
+        if following is not None:
+            self.ready.append(following)
 
 
 class BatchedTranscriber:
@@ -204,7 +249,8 @@ def _segments(ids: SpecialTokens, chunk: _Chunk, decision) -> tuple[list[dict], 
     if advance < frames:  # (a rest too short to decode, or no progress at all: keep its text)
         rest = tokens[sum(len(p.tokens) for p in pieces) :]
         if any(t < ids.eot for t in rest):
-            found.append(dict(start=found[-1]["end"] if found else seek * FEATURE_PRECISION, end=chunk_end, tokens=tuple(rest), words=()))
+            start = found[-1]["end"] if found else seek * FEATURE_PRECISION
+            found.append(dict(start=start, end=chunk_end, tokens=tuple(rest), words=()))
     return found, None
 
 
@@ -254,12 +300,14 @@ def transcribe_batch(
     chunks = []
     t0 = time.perf_counter()
     for source, waveform in enumerate(waveforms):
+        index = 0
         for start, end in speech_chunks(waveform):
             audio = waveform[start:end]
             # as the sequential loop: under 0.1 s no word fits, and on digital silence Whisper
             # invents a phrase the no-speech rule does not always catch
             if (end - start) // HOP >= MIN_WINDOW_FRAMES and np.abs(audio).max() >= SILENCE_PEAK:
-                chunks.append(_Chunk(source, start, audio))
+                chunks.append(_Chunk(source, start, audio, index))
+                index += 1
     vad_seconds = time.perf_counter() - t0
     logger.info("%d chunks of speech in %d input(s) (voice activity detection: %.1f s)", len(chunks), len(waveforms), vad_seconds)
 
@@ -272,9 +320,9 @@ def transcribe_batch(
     speech_seconds = sum(len(chunk.audio) for chunk in chunks) / SAMPLE_RATE
     total_seconds = sum(len(w) for w in waveforms) / SAMPLE_RATE
     done_seconds = 0.0
-    queue = deque(chunks)  # the chunks, then the rests of those whose decode stopped short
-    while queue:
-        batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+    schedule = _Schedule(chunks, waveforms)
+    while schedule:
+        batch = schedule.next_batch(batch_size)
         t0 = time.perf_counter()
         hidden = transcriber.encode(batch)
         prompts = []
@@ -296,12 +344,11 @@ def transcribe_batch(
             if decision.skip:
                 skipped[source] += 1
                 done_seconds += len(chunk.audio) / SAMPLE_RATE
+                schedule.done(chunk, None)
                 continue
             found, rest = _segments(ids, chunk, decision)
-            end = chunk.start + len(chunk.audio)
-            if rest is not None:  # decoded again from its last timestamp, in a later batch
-                queue.append(_Chunk(source, rest, waveforms[source][rest:end]))
-            done_seconds += ((rest if rest is not None else end) - chunk.start) / SAMPLE_RATE
+            schedule.done(chunk, rest)  # a rest is decoded again from its last timestamp, in a later batch
+            done_seconds += ((rest if rest is not None else chunk.end) - chunk.start) / SAMPLE_RATE
             language = languages[source]
             if options.word_timestamps and found:
                 sot_sequence = initial_tokens(bundle, language, options.task, without_timestamps=True)[:-1]
