@@ -146,7 +146,6 @@ class _Schedule:
         self.first = deque(c for c in chunks if c.index % 2 == 0)
         self.waiting = {(c.source, c.index): c for c in chunks if c.index % 2 == 1}
         self.ready: deque = deque()  # odd chunks whose predecessor is decoded, and lone rests
-        self.rests: dict[tuple[int, int], int] = {}  # (input, chunk index) → where a rest before it starts
 
     def __bool__(self) -> bool:
         return bool(self.first or self.waiting or self.ready)
