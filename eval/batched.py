@@ -19,6 +19,8 @@ tokens per decoder forward, and for crosswhisper the inputs whose tokens differ 
 after a warm-up.
 
     python eval/batched.py --model tiny.en --data ../shared/data/LibriSpeech/train-clean-5
+    python eval/batched.py --model base --device cuda --dtype float16 --compute-types float16 \
+        --batch-sizes 1 8 16 --long-batch-size 16 --output eval/batched-base-gpu.json   # a lent GPU
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def transformers_batched(bundle, batch_size: int):
         for first in range(0, len(audios), batch_size):
             group = audios[first : first + batch_size]
             features = bundle.feature_extractor(group, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+            features = features.to(bundle.model.device)
             with torch.inference_mode():
                 out = bundle.model.generate(features, return_timestamps=True)
             texts += [bundle.tokenizer.decode([t for t in row.tolist() if t < eot]).strip() for row in out]
@@ -58,7 +61,8 @@ def transformers_batched(bundle, batch_size: int):
 
 def ours(bundle, batch_size: int, **kwargs):
     def run(audios):
-        results = transcribe_batch(audios, model=bundle, batch_size=batch_size, temperature=0.0, **kwargs)
+        results = transcribe_batch(audios, model=bundle, batch_size=batch_size, temperature=0.0,
+                                   device=str(bundle.model.device), **kwargs)
         calls = sum(r.stats.forward_calls for r in results)
         generated = sum(r.stats.generated_tokens for r in results)
         return [r.text for r in results], [list(r.tokens) for r in results], (generated, calls)
@@ -67,20 +71,20 @@ def ours(bundle, batch_size: int, **kwargs):
 
 def sequential(bundle):
     def run(audios):
-        results = [transcribe(audio, model=bundle, temperature=0.0) for audio in audios]
+        results = [transcribe(audio, model=bundle, temperature=0.0, device=str(bundle.model.device)) for audio in audios]
         calls = sum(r.stats.forward_calls for r in results)
         generated = sum(r.stats.generated_tokens for r in results)
         return [r.text for r in results], None, (generated, calls)
     return run
 
 
-def faster_whisper_batched(model_name: str, compute_type: str, batch_size: int, threads: int):
+def faster_whisper_batched(model_name: str, compute_type: str, batch_size: int, threads: int, device: str = "cpu"):
     """faster-whisper's `BatchedInferencePipeline` (greedy, timestamps on like ours), in a
     process of its own (eval/faster_whisper_worker.py): once CTranslate2 has run in a process,
     torch's calls there are slower (measured: crosswhisper batch 8 on the long files 43.7 →
     35.0 audio s/s after one faster-whisper call), which no user running one of them sees.
     The worker times its own calls; the systems still alternate in time."""
-    worker = Worker(bundled_model_dir(model_name), compute_type, "cpu", threads, batch_size=batch_size)
+    worker = Worker(bundled_model_dir(model_name), compute_type, device, threads, batch_size=batch_size)
     options = dict(beam_size=1, without_timestamps=False, language="en" if model_name.endswith(".en") else None)
 
     def run(audios):
@@ -140,12 +144,15 @@ def main(argv=None) -> int:
     parser.add_argument("--utterances", type=int, default=40, help="short inputs of the first part (0: skip it)")
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--long-minutes", type=float, default=20.0, help="audio of the second part (0: skip it)")
+    parser.add_argument("--long-batch-size", type=int, default=8, help="the batch of the second part (GPU: 16)")
     parser.add_argument("--compute-types", nargs="*", default=["float32", "int8"], help="faster-whisper rows")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every system on it)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="our weights' dtype (GPU: float16)")
     parser.add_argument("--output", type=Path, default=Path("results/batched.json"))
     args = parser.parse_args(argv)
-    bundle = get_bundle(args.model)
-    report = {"model": args.model, "machine": machine_info("cpu"), "rounds": args.rounds}
+    bundle = get_bundle(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    report = {"model": args.model, "machine": machine_info(args.device), "rounds": args.rounds}
 
     if args.utterances:
         utterances = load_local(args.data, args.speakers, args.utterances)
@@ -166,13 +173,14 @@ def main(argv=None) -> int:
         files = joined_chapters(args.data, set(args.speakers), args.long_minutes * 60)
         audios = [audio for _, audio, _ in files]
         references = [text for _, _, text in files]
-        systems = {"crosswhisper batch 1": ours(bundle, 1), "crosswhisper batch 8": ours(bundle, 8),
-                   "crosswhisper batch 8 drafting (gamma=3)": ours(bundle, 8, gamma=3)}
+        b = args.long_batch_size
+        systems = {"crosswhisper batch 1": ours(bundle, 1), f"crosswhisper batch {b}": ours(bundle, b),
+                   f"crosswhisper batch {b} drafting (gamma=3)": ours(bundle, b, gamma=3)}
         threads = torch.get_num_threads()
-        systems.update({f"faster-whisper batched {ct} batch 8": faster_whisper_batched(args.model, ct, 8, threads)
+        systems.update({f"faster-whisper batched {ct} batch {b}": faster_whisper_batched(args.model, ct, b, threads, args.device)
                         for ct in args.compute_types})
         systems["crosswhisper sequential transcribe()"] = sequential(bundle)
-        exact = {name: "crosswhisper batch 1" for name in systems if name.startswith("crosswhisper batch 8")}
+        exact = {name: "crosswhisper batch 1" for name in systems if name.startswith(f"crosswhisper batch {b}")}
         part = measure(systems, audios, references, args.rounds, exact)
         minutes = sum(len(a) for a in audios) / SAMPLE_RATE / 60
         report["long_files"] = {"files": [name for name, _, _ in files], "audio_minutes": minutes, "systems": part}

@@ -221,7 +221,6 @@ def main(argv=None) -> int:
         print(f"{name_file}: done")
 
     references = [reference for _, _, reference in files]
-    transformers_tokens = rows["transformers long-form generate"]["tokens"]
     report = {"model": args.model, "fallback": args.fallback, "files": [n for n, _, _ in files], "audio_seconds": audio_seconds,
               "machine": machine_info("cpu"), "systems": {}}
     print("\n| system | WER % | RTFx | tokens / forward | mismatched files vs transformers (*: vs our own loop at that compute type) |"
