@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoding import BlockOutput
+from .quantized import int8_linear
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +141,16 @@ def project(hidden: torch.Tensor, lm_head: nn.Module, dtype: Optional[torch.dtyp
 
     The vocabulary projection is the largest single cost of a decoder call on a CPU, and the
     fastest BLAS layout for it depends on the number of rows: at inference each row count is
-    timed once (`_Projection`) and its fastest layout reused. `dtype` (e.g. bfloat16): the
-    product in that type (a copy of the weight, made once), returned as float32 logits; each
-    row's logits do not depend on the other rows (what lossless drafting needs: tested).
+    timed once (`_Projection`) and its fastest layout reused. `dtype` (e.g. bfloat16; torch.int8:
+    `quantized.Int8Linear`): the product in that type (a copy of the weight, made once),
+    returned as float32 logits; each row's logits do not depend on the other rows (what
+    lossless drafting needs: tested).
     """
     weight = lm_head.weight
     if torch.is_grad_enabled():
         return lm_head(hidden)
+    if dtype == torch.int8:  # the int8 compute type: per-channel weights, per-row activations
+        return int8_linear(lm_head)(hidden)
     if dtype is not None and dtype != weight.dtype:
         low = _LOW_PRECISION_WEIGHTS.get(lm_head)
         if low is None or low.dtype != dtype or low.device != weight.device:

@@ -88,6 +88,17 @@ def test_transcribe_batch_does_not_depend_on_batch_size(tiny, longform, test_cle
     assert transcribe(path, model=bundle, batch_size=4, gamma=3).tokens == long.tokens
 
 
+def test_int8_rows_do_not_depend_on_batch_size(tiny, longform, test_clean):
+    """compute_type="int8" (int8 encoder and vocabulary projection, per-row activations): a
+    window's tokens are the same alone and in a batch, drafted or not."""
+    bundle, _ = tiny
+    inputs = [longform[0]] + [p for _, p, _ in test_clean[:3]]
+    one = transcribe_batch(inputs, model=bundle, batch_size=1, gamma=0, compute_type="int8")
+    four = transcribe_batch(inputs, model=bundle, batch_size=4, gamma=3, compute_type="int8")
+    assert [r.tokens for r in four] == [r.tokens for r in one]
+    assert word_error_rate([longform[1]], [one[0].text]) < 0.15
+
+
 def test_speech_chunks_cut_long_audio_at_pauses(longform):
     audio = load_audio(longform[0])
     chunks = speech_chunks(audio)

@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from ..lora import LoraRecipe
+from ..quantized import quantize_linears
 from . import ct2
 from .cache import cache_dir, load_cache_entry, publish_dir, sha256_file, write_cache_entry
 from .ct2 import CONVERTER_VERSION, CT2_AUX_FILES, CT2_REQUIRED_FILES, WhisperParts, build_generation_config, check_ct2_dir
@@ -69,8 +70,14 @@ class ModelNotAvailableError(OSError):
 
 # compute types of `transcribe(compute_type=...)`, faster-whisper's names. "bfloat16": the
 # encoder and the vocabulary projection (the costly matmuls of a CPU call) multiply in
-# bfloat16 (AMX / AVX-512-BF16 on recent x86 CPUs), the rest of the decoder stays float32
-COMPUTE_TYPES = ("float32", "bfloat16")
+# bfloat16 (AMX / AVX-512-BF16 on recent x86 CPUs), the rest of the decoder stays float32.
+# "int8": the encoder's linear layers and the vocabulary projection multiply int8 weights (per
+# output channel) by int8 activations (per row), as CTranslate2's int8 (`quantized.py`). The
+# decoder's body stays float32: its attention is not row-exact in float (a matrix product's
+# last bits change with the number of query rows), and quantising its output per row turns
+# those last bits into whole int8 steps: drafted tokens then differed from greedy ones (1 of
+# ~430 on a 103 s file); its small layers were also slower in int8 here (eval/README.md)
+COMPUTE_TYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare bundles by identity, not by weights
@@ -95,11 +102,11 @@ class WhisperBundle:
     @property
     def head_dtype(self) -> torch.dtype | None:
         """The vocabulary projection's compute type in our loop (None: the weights')."""
-        return torch.bfloat16 if self.compute_type == "bfloat16" else None
+        return {"bfloat16": torch.bfloat16, "int8": torch.int8}.get(self.compute_type)
 
 
 _VARIANTS: "weakref.WeakKeyDictionary[WhisperForConditionalGeneration, dict]" = weakref.WeakKeyDictionary()
-_LOW_PRECISION_ENCODERS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_LOW_PRECISION_ENCODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
 def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle:
@@ -109,6 +116,8 @@ def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle
         raise ValueError(f"compute_type must be one of {', '.join(COMPUTE_TYPES)}, not {compute_type!r}")
     if compute_type == bundle.compute_type:
         return bundle
+    if compute_type == "int8" and bundle.model.device.type != "cpu":
+        raise ValueError("compute_type='int8' runs on a CPU; on a GPU use float32 (float16 weights: dtype)")
     variants = _VARIANTS.setdefault(bundle.model, {bundle.compute_type: bundle})
     if compute_type not in variants:
         variants[compute_type] = dataclasses.replace(bundle, compute_type=compute_type)
@@ -121,11 +130,19 @@ def run_encoder(bundle: WhisperBundle, features: torch.Tensor) -> torch.Tensor:
     encoder = bundle.model.get_encoder()
     with torch.inference_mode():
         if bundle.compute_type == "bfloat16" and encoder.conv1.weight.dtype != torch.bfloat16:
-            low = _LOW_PRECISION_ENCODERS.get(encoder)
-            if low is None:
-                low = _LOW_PRECISION_ENCODERS[encoder] = copy.deepcopy(encoder).to(torch.bfloat16)
-            return low(features.to(torch.bfloat16)).last_hidden_state.float()
+            return _encoder_copy(encoder, "bfloat16")(features.to(torch.bfloat16)).last_hidden_state.float()
+        if bundle.compute_type == "int8":
+            return _encoder_copy(encoder, "int8")(features.float()).last_hidden_state
         return encoder(features.to(bundle.model.dtype)).last_hidden_state
+
+
+def _encoder_copy(encoder: torch.nn.Module, compute_type: str) -> torch.nn.Module:
+    """The encoder's copy computing in `compute_type`, made once per encoder and type."""
+    copies = _LOW_PRECISION_ENCODERS.setdefault(encoder, {})
+    if compute_type not in copies:
+        made = copy.deepcopy(encoder)
+        copies[compute_type] = made.to(torch.bfloat16) if compute_type == "bfloat16" else quantize_linears(made.float())
+    return copies[compute_type]
 
 
 def load_whisper(

@@ -62,8 +62,9 @@ class TranscribeOptions(LongFormOptions):
     # how the encoder and the vocabulary projection multiply (loading.COMPUTE_TYPES); lossless
     # drafting is token-identical to greedy (gamma=0) at the same compute type
     compute_type: str = field(default="float32", metadata={
-        "help": "float32 (default), or bfloat16: encoder and vocabulary projection in bfloat16 "
-                "(fast on CPUs with AMX/AVX-512-BF16), the rest float32", "choices": COMPUTE_TYPES})
+        "help": "float32 (default); bfloat16: encoder and vocabulary projection in bfloat16 "
+                "(fast on CPUs with AMX/AVX-512-BF16), the rest float32; int8: the encoder's linear "
+                "layers and the vocabulary projection with int8 weights and activations", "choices": COMPUTE_TYPES})
     # seeds the sampler of the fallback temperatures (> 0) for reproducible output
     seed: Optional[int] = field(default=None, metadata={"help": "seed for sampling (temperatures > 0)"})
 

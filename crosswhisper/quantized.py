@@ -1,0 +1,72 @@
+"""The int8 compute type's product: weights quantised per output channel once, activations per
+row at every call, int8 × int8 → int32 (`torch._int_mm`: oneDNN, AMX/VNNI on recent x86 CPUs),
+as CTranslate2 quantises for faster-whisper's `compute_type="int8"` on a CPU.
+
+Why per row and not torch.ao's dynamic quantisation: that one scales the activations per
+*tensor*, so a row's result would depend on the other rows of the call. Here a row's int8
+activations depend on that row alone and integer sums are exact in any order, so each row's
+output is the same whichever rows share the call (a window alone or in a batch, one token or a
+drafted block): lossless drafting stays token-identical to greedy at this compute type
+(DESIGN §1.7; tested). Model-agnostic: no Whisper code here.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+_EPS = 1e-12  # an all-zero row or channel: any positive scale gives zeros
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float → (int8 [M, K], float32 scale [M, 1]) with x ≈ q · scale, each row on its own."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(_EPS).div_(127.0)
+    return torch.round(x.float() / scale).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with int8 weights (per output channel) and int8 activations (per row)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        q, scale = quantize_rows(weight.detach())  # a row of the weight = an output channel
+        self.out_features, self.in_features = q.shape
+        # kept [out, in] and passed transposed: oneDNN's int8 product was faster that way here
+        self.register_buffer("weight_q", q, persistent=False)
+        self.register_buffer("weight_scale", scale.view(1, -1), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q, scale = quantize_rows(x.reshape(-1, shape[-1]))
+        out = torch._int_mm(q, self.weight_q.t()).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+_INT8: "weakref.WeakKeyDictionary[nn.Module, Int8Linear]" = weakref.WeakKeyDictionary()
+
+
+def int8_linear(linear: nn.Module) -> Int8Linear:
+    """The int8 twin of a linear layer (made once per layer, kept while the layer lives)."""
+    made = _INT8.get(linear)
+    if made is None:
+        made = _INT8[linear] = Int8Linear(linear.weight, getattr(linear, "bias", None))
+    return made
+
+
+def quantize_linears(module: nn.Module) -> nn.Module:
+    """Replace every `nn.Linear` inside `module` (in place) by its `Int8Linear`; returns it."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child.weight, child.bias))
+        else:
+            quantize_linears(child)
+    return module
