@@ -32,7 +32,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        q, scale = quantize_rows(weight.detach())  # a row of the weight = an output channel
+        # a row of the weight = an output channel; in slices: a vocabulary projection's float
+        # temporaries would otherwise add hundreds of MB to the process's peak
+        parts = [quantize_rows(rows) for rows in weight.detach().split(4096)]
+        q, scale = torch.cat([q for q, _ in parts]), torch.cat([scale for _, scale in parts])
         self.out_features, self.in_features = q.shape
         # kept [out, in] and passed transposed: oneDNN's int8 product was faster that way here
         self.register_buffer("weight_q", q, persistent=False)

@@ -140,8 +140,12 @@ def _encoder_copy(encoder: torch.nn.Module, compute_type: str) -> torch.nn.Modul
     """The encoder's copy computing in `compute_type`, made once per encoder and type."""
     copies = _LOW_PRECISION_ENCODERS.setdefault(encoder, {})
     if compute_type not in copies:
-        made = copy.deepcopy(encoder)
-        copies[compute_type] = made.to(torch.bfloat16) if compute_type == "bfloat16" else quantize_linears(made.float())
+        if compute_type == "bfloat16":
+            copies[compute_type] = copy.deepcopy(encoder).to(torch.bfloat16)
+        else:  # the copy shares the float linear weights (not copied) until they are quantised
+            shared = {id(tensor): tensor for module in encoder.modules() if isinstance(module, torch.nn.Linear)
+                      for tensor in (module.weight, module.bias) if tensor is not None}
+            copies[compute_type] = quantize_linears(copy.deepcopy(encoder, memo=shared).float())
     return copies[compute_type]
 
 
