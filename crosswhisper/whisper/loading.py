@@ -117,7 +117,7 @@ def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle
     if compute_type == bundle.compute_type:
         return bundle
     if compute_type == "int8" and bundle.model.device.type != "cpu":
-        raise ValueError("compute_type='int8' runs on a CPU; on a GPU use float32 (float16 weights: dtype)")
+        raise ValueError("compute_type='int8' runs on a CPU only; on a GPU use float32 (or float16 weights)")
     variants = _VARIANTS.setdefault(bundle.model, {bundle.compute_type: bundle})
     if compute_type not in variants:
         variants[compute_type] = dataclasses.replace(bundle, compute_type=compute_type)
@@ -145,7 +145,8 @@ def _encoder_copy(encoder: torch.nn.Module, compute_type: str) -> torch.nn.Modul
         else:  # the copy shares the float linear weights (not copied) until they are quantised
             shared = {id(tensor): tensor for module in encoder.modules() if isinstance(module, torch.nn.Linear)
                       for tensor in (module.weight, module.bias) if tensor is not None}
-            copies[compute_type] = quantize_linears(copy.deepcopy(encoder, memo=shared).float())
+            # (quantised before `.float()`, which would convert the shared weights in place)
+            copies[compute_type] = quantize_linears(copy.deepcopy(encoder, memo=shared)).float()
     return copies[compute_type]
 
 
