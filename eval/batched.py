@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--long-minutes", type=float, default=20.0, help="audio of the second part (0: skip it)")
     parser.add_argument("--long-batch-size", type=int, default=8, help="the batch of the second part (GPU: 16)")
     parser.add_argument("--compute-types", nargs="*", default=["float32", "int8"], help="faster-whisper rows")
+    parser.add_argument("--our-compute-types", nargs="*", default=[], choices=["bfloat16", "int8"],
+                        help="also our batch 1 and batched rows of the long files at these compute types")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every system on it)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="our weights' dtype (GPU: float16)")
@@ -181,6 +183,10 @@ def main(argv=None) -> int:
                         for ct in args.compute_types})
         systems["crosswhisper sequential transcribe()"] = sequential(bundle)
         exact = {name: "crosswhisper batch 1" for name in systems if name.startswith(f"crosswhisper batch {b}")}
+        for ct in args.our_compute_types:  # each checked against our batch 1 at that compute type
+            systems[f"crosswhisper batch 1 {ct}"] = ours(bundle, 1, compute_type=ct)
+            systems[f"crosswhisper batch {b} {ct}"] = ours(bundle, b, compute_type=ct)
+            exact[f"crosswhisper batch {b} {ct}"] = f"crosswhisper batch 1 {ct}"
         part = measure(systems, audios, references, args.rounds, exact)
         minutes = sum(len(a) for a in audios) / SAMPLE_RATE / 60
         report["long_files"] = {"files": [name for name, _, _ in files], "audio_minutes": minutes, "systems": part}
