@@ -6,8 +6,10 @@ Why per row and not torch.ao's dynamic quantisation: that one scales the activat
 *tensor*, so a row's result would depend on the other rows of the call. Here a row's int8
 activations depend on that row alone and integer sums are exact in any order, so each row's
 output is the same whichever rows share the call (a window alone or in a batch, one token or a
-drafted block): lossless drafting stays token-identical to greedy at this compute type
-(DESIGN §1.7; tested). Model-agnostic: no Whisper code here.
+drafted block): the product adds no difference between a drafted block and a greedy step, and
+lossless drafting stays token-identical to greedy at this compute type (DESIGN §1.7; tested,
+and why whisper/loading.py still keeps the decoder's body in float32). Model-agnostic: no
+Whisper code here.
 """
 
 from __future__ import annotations
