@@ -94,5 +94,5 @@ def serve(ct2_dir: str, compute_type: str, device: str, threads: int, batch_size
 
 if __name__ == "__main__":
     if len(sys.argv) not in (5, 6):
-        sys.exit(f"usage: {sys.argv[0]} CT2_DIR COMPUTE_TYPE DEVICE THREADS [BATCH_SIZE] (started by eval/librispeech.py)")
+        sys.exit(f"usage: {sys.argv[0]} CT2_DIR COMPUTE_TYPE DEVICE THREADS [BATCH_SIZE] (started by eval/librispeech.py, longform.py, batched.py)")
     sys.exit(serve(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) == 6 else None))
