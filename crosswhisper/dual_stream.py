@@ -85,31 +85,28 @@ def attention_backends(device: torch.device):
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight)
 
 
-def _x_wt(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    return x @ weight_t
-
-
-def _w_xt(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+def _w_xt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x.t()).t()
 
 
-# Three layouts of the same product; which one is fastest depends on the row count and the CPU's
-# BLAS paths (2-core EPYC, tiny.en: 1 row x@Wᵀ 2.7 ms vs linear 5.3 ms; 2–10 rows W@xᵀ 1.6–4.7 ms
-# vs 5.4–8.4 ms for x@Wᵀ). They differ only in summation order (float rounding).
-_KERNELS = (_linear, _x_wt, _w_xt)
+# Two layouts of the same product; which one is fastest depends on the row count and the CPU's
+# BLAS paths (2-core EPYC, tiny.en: 2–10 rows W@xᵀ 1.6–4.7 ms vs 5.4–8.4 ms for x@Wᵀ; 2-core
+# Xeon: W@xᵀ for 1 and ≥ 10 rows, linear for 2–8). They differ only in summation order (float
+# rounding). A third, x @ (a contiguous copy of Wᵀ), was dropped (2026-12-01): on the Xeon it
+# was never the fastest (tiny.en and base, 1–32 rows) and its copy doubled the projection's
+# memory (80 MB for tiny.en, the difference between a 530 and a 610 MB CLI run).
+_KERNELS = (_linear, _w_xt)
 
 
 class _Projection:
-    """Per output layer: a contiguous transposed weight and the fastest kernel per row count."""
+    """Per output layer: the fastest kernel per row count."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.detach()
-        # only the CPU layouts read the transposed copy; off the CPU it would only take memory
-        self.weight_t = self.weight.t().contiguous() if self.weight.device.type == "cpu" else None
         self.kernel: dict[int, Callable] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +114,7 @@ class _Projection:
         kernel = self.kernel.get(rows)
         if kernel is None:
             kernel = self.kernel[rows] = self._fastest(x)
-        return kernel(x, self.weight, self.weight_t)
+        return kernel(x, self.weight)
 
     def _fastest(self, x: torch.Tensor) -> Callable:
         if x.device.type != "cpu":
@@ -126,7 +123,7 @@ class _Projection:
         for _ in range(4):  # interleaved; the first round warms up
             for kernel in _KERNELS:
                 t0 = time.perf_counter()
-                kernel(x, self.weight, self.weight_t)
+                kernel(x, self.weight)
                 times[kernel].append(time.perf_counter() - t0)
         best = min(_KERNELS, key=lambda k: statistics.median(times[k][1:]))
         logger.debug("vocabulary projection of %d rows: %s", x.shape[0], best.__name__)

@@ -30,7 +30,7 @@ SENTENCE_END_MARKS = ".。!！?？"
 
 def alignment_heads(bundle: WhisperBundle) -> dict[int, list[int]]:
     """{decoder layer: [heads]} of the model's alignment heads (generation config)."""
-    pairs = getattr(bundle.generation_config, "alignment_heads", None)
+    pairs = bundle.settings.alignment_heads
     if not pairs:
         raise ValueError(f"{bundle.name}: its generation config names no alignment_heads (needed for word timestamps)")
     heads: dict[int, list[int]] = {}
@@ -55,11 +55,11 @@ def _find_alignment(bundle: WhisperBundle, hidden: torch.Tensor, sot_sequence: l
 
     if not text_tokens:
         return []
-    ids = bundle.generation_config
+    ids = bundle.settings
     eot = ids.eos_token_id
     heads = alignment_heads(bundle)
-    model = bundle.model
-    streams = WhisperStreams(model.model.decoder, model.proj_out, hidden, process_logits=None, drafting=False,
+    model = bundle.weights
+    streams = WhisperStreams(model.decoder, model.proj_out, hidden, process_logits=None, drafting=False,
                              max_length=model.config.max_target_positions, head_dtype=bundle.head_dtype)
     # <|startoftranscript|> [lang task] <|notimestamps|> text <|endoftext|>, as openai-whisper aligns
     tokens = [*sot_sequence, ids.no_timestamps_token_id, *text_tokens, eot]
@@ -93,7 +93,7 @@ def add_word_timestamps(
 ) -> float:
     """Give a window's segments (dicts with start, end, tokens) their `words` ([Word]) and move
     their start/end to their words where openai-whisper does; returns the new last speech time."""
-    text_per_segment = [[t for t in s["tokens"] if t < bundle.generation_config.eos_token_id] for s in segments]
+    text_per_segment = [[t for t in s["tokens"] if t < bundle.settings.eos_token_id] for s in segments]
     alignment = _find_alignment(bundle, hidden, sot_sequence, [t for ts in text_per_segment for t in ts], num_frames, language)
     durations = np.array([t.end - t.start for t in alignment])
     durations = durations[durations.nonzero()]

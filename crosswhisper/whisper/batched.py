@@ -189,10 +189,7 @@ class BatchedTranscriber:
     def encode(self, chunks: Sequence[_Chunk]) -> torch.Tensor:
         """Encoder hidden states [B, frames, d]: each chunk padded with silence to 30 s, as
         `decode.encode` does for one window."""
-        features = self.bundle.feature_extractor(
-            [chunk.audio for chunk in chunks], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-        ).input_features
-        return run_encoder(self.bundle, features.to(self.bundle.model.device))
+        return run_encoder(self.bundle, self.bundle.log_mel([chunk.audio for chunk in chunks]))
 
     def decode(self, hidden: torch.Tensor, prompts: list[list[int]]) -> list:
         """Every window decoded at the first temperature; those that fail the thresholds again,
@@ -359,7 +356,7 @@ def transcribe_batch(
             for piece in found:
                 segments[source].append(Segment(
                     start=piece["start"], end=piece["end"],
-                    text=bundle.tokenizer.decode([t for t in piece["tokens"] if t < ids.eot]).strip(),
+                    text=bundle.vocabulary.decode([t for t in piece["tokens"] if t < ids.eot]).strip(),
                     tokens=piece["tokens"], avg_logprob=decision.avg_logprob,
                     compression_ratio=decision.compression_ratio, no_speech_prob=decision.decoded.no_speech_prob,
                     temperature=decision.temperature, words=piece["words"],
@@ -372,7 +369,7 @@ def transcribe_batch(
         segments[source].sort(key=lambda segment: segment.start)  # (the rests of chunks come later)
         tokens = tuple(t for segment in segments[source] for t in segment.tokens)
         results.append(Transcription(
-            text=bundle.tokenizer.decode([t for t in tokens if t < ids.eot]).strip(), tokens=tokens,
+            text=bundle.vocabulary.decode([t for t in tokens if t < ids.eot]).strip(), tokens=tokens,
             language=languages[source] or "en", segments=tuple(segments[source]),
             duration=len(waveform) / SAMPLE_RATE, stats=counters[source].stats(), windows=windows[source],
             skipped=skipped[source],

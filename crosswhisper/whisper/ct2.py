@@ -16,17 +16,19 @@ import mmap
 import re
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperTokenizerFast,
-)
+
+if TYPE_CHECKING:  # (imported where used: transformers' Whisper model takes ~2 s to import)
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +201,8 @@ def convert_ct2(ct2_dir: Path) -> WhisperParts:
 
     Tests spy on this function to check that the cache spares a second conversion.
     """
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
     ct2_file = _read_ct2_model_bin(ct2_dir / "model.bin")
     if ct2_file.spec != "WhisperSpec":
         raise ValueError(f"{ct2_dir}: a CTranslate2 {ct2_file.spec or 'pre-v2'} model, not a Whisper model")
@@ -246,6 +250,8 @@ def convert_ct2(ct2_dir: Path) -> WhisperParts:
 
 
 def _whisper_config_from_ct2(weights: _Ct2Weights) -> WhisperConfig:
+    from transformers import WhisperConfig
+
     names = weights.names()
     conv1 = weights.variables["encoder/conv1/weight"]  # [d_model, n_mels, 3]
     d_model, num_mel_bins = int(conv1.shape[0]), int(conv1.shape[1])
@@ -400,6 +406,8 @@ def _check_materialised(model: torch.nn.Module) -> None:
 
 
 def _tokenizer_from_ct2(ct2_dir: Path, vocab_size: int) -> WhisperTokenizerFast:
+    from transformers import WhisperTokenizerFast
+
     tokenizer_json = json.loads((ct2_dir / "tokenizer.json").read_text(encoding="utf-8"))
     # Register the <|...|> control tokens as special, in id order: transformers' Whisper
     # tokenizer finds the first timestamp id as all_special_ids[-1] + 1.
@@ -463,6 +471,8 @@ def build_generation_config(
     max_target_positions: int,
 ) -> GenerationConfig:
     """A Whisper generation config whose token ids all come from the model's own tokenizer."""
+    from transformers import GenerationConfig
+
     eot = _token_id(tokenizer, "<|endoftext|>")
     multilingual = vocab_size >= _MULTILINGUAL_MIN_VOCAB
     if suppress_ids_begin is None:

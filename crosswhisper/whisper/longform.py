@@ -31,6 +31,7 @@ import torch
 from ..audio import SAMPLE_RATE, AudioInput, load_audio
 from ..results import Segment, StatsCounter, Transcription
 from .alignment import add_word_timestamps
+from .frontend import LogMel
 from .decode import decoder_prompt, detect_language, is_multilingual, validate_language
 from .loading import WhisperBundle, run_encoder
 
@@ -128,15 +129,15 @@ def long_form_features(bundle: WhisperBundle, audio: np.ndarray) -> "torch.Tenso
     log-mel's dynamic-range clamp then spans the whole audio) as `StreamedFeatures`, computed a
     window at a time; shorter audio zero-padded to 30 s first (the feature extractor's default:
     3000 frames), as a tensor."""
-    extractor = bundle.feature_extractor
-    if len(audio) > extractor.n_samples:
-        if not getattr(extractor, "dither", 0.0):
-            return StreamedFeatures(bundle, audio)
-        extra = dict(truncation=False, padding="longest", return_attention_mask=True)
-    else:
-        extra = {}
+    mel = bundle.mel
+    if mel is not None:  # our log-mel, transformers' numbers (no dither)
+        if len(audio) > mel.n_samples:
+            return StreamedFeatures(mel, audio, device=bundle.weights.device, dtype=bundle.weights.dtype)
+        return bundle.log_mel([audio]).to(bundle.weights.dtype)
+    extractor = bundle.feature_extractor  # a front end of its own (e.g. dither): transformers computes it
+    extra = dict(truncation=False, padding="longest", return_attention_mask=True) if len(audio) > extractor.n_samples else {}
     features = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", **extra).input_features
-    return features.to(bundle.model.device, bundle.model.dtype)
+    return features.to(bundle.weights.device, bundle.weights.dtype)
 
 
 class StreamedFeatures:
@@ -150,13 +151,12 @@ class StreamedFeatures:
 
     CHUNK = 3000  # frames per piece of the maximum's pass
 
-    def __init__(self, bundle: WhisperBundle, audio: np.ndarray):
-        extractor = bundle.feature_extractor
-        self.device, self.dtype = bundle.model.device, bundle.model.dtype
+    def __init__(self, mel: LogMel, audio: np.ndarray, *, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
         self.audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
-        self.n_fft, self.hop = extractor.n_fft, extractor.hop_length
+        self.n_fft, self.hop = mel.n_fft, mel.hop_length
         self.window_fn = torch.hann_window(self.n_fft)
-        self.mel_filters = torch.from_numpy(extractor.mel_filters).to(torch.float32)
+        self.mel_filters = torch.from_numpy(mel.mel_filters).to(torch.float32)
         frames = len(audio) // self.hop  # the extractor drops the STFT's last frame
         self.shape = (1, self.mel_filters.shape[1], frames)
         self.maximum = max(self._log_mel(a, min(a + self.CHUNK, frames)).max() for a in range(0, frames, self.CHUNK))
@@ -214,15 +214,15 @@ class SpecialTokens:
 
     @classmethod
     def of(cls, bundle: WhisperBundle) -> "SpecialTokens":
-        config = bundle.generation_config
+        config = bundle.settings
         return cls(
             eot=config.eos_token_id,
             sot_prev=config.prev_sot_token_id,
             no_timestamps=config.no_timestamps_token_id,
             timestamp_begin=config.no_timestamps_token_id + 1,
             no_speech=config.no_timestamps_token_id - 1,
-            vocab_size=bundle.model.config.vocab_size,
-            max_positions=bundle.model.config.max_target_positions,
+            vocab_size=bundle.weights.config.vocab_size,
+            max_positions=bundle.weights.config.max_target_positions,
         )
 
 
@@ -233,7 +233,7 @@ def initial_tokens(bundle: WhisperBundle, language: str, task: str, without_time
 
 def prompt_text_tokens(bundle: WhisperBundle, text: str) -> list[int]:
     """An initial prompt's tokens, as openai-whisper and `WhisperProcessor.get_prompt_ids` make them."""
-    return bundle.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
+    return bundle.vocabulary.encode(" " + text.strip())
 
 
 def previous_tokens(context: Sequence[Sequence[int]], ids: SpecialTokens) -> list[int]:
@@ -415,7 +415,7 @@ class ReferenceDecoder:
         self.bundle = bundle
         self.num_beams = num_beams
         self.ids = SpecialTokens.of(bundle)
-        self.sot = bundle.generation_config.decoder_start_token_id
+        self.sot = bundle.settings.decoder_start_token_id
 
     def processors(self, begin_index: int, timestamps: bool):
         from transformers.generation.logits_process import (
@@ -598,7 +598,7 @@ def transcribe_features(
                 Segment(
                     start=piece["start"],
                     end=piece["end"],
-                    text=bundle.tokenizer.decode([t for t in piece["tokens"] if t < eot]).strip(),
+                    text=bundle.vocabulary.decode([t for t in piece["tokens"] if t < eot]).strip(),
                     tokens=piece["tokens"],
                     avg_logprob=decision.avg_logprob,
                     compression_ratio=decision.compression_ratio,
@@ -616,7 +616,7 @@ def transcribe_features(
 
     all_tokens = tuple(t for s in segments for t in s.tokens)
     return Transcription(
-        text=bundle.tokenizer.decode([t for t in all_tokens if t < eot]).strip(),
+        text=bundle.vocabulary.decode([t for t in all_tokens if t < eot]).strip(),
         tokens=all_tokens,
         language=language or "en",
         segments=tuple(segments),

@@ -25,6 +25,7 @@ branches, which this layout does not compute.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..decoding import BlockOutput
 from ..dual_stream import CONTROL, PREDICTIVE, LogitsProcessor, project
+from ..lora import LoraFactors
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,15 @@ class _Linear:
         return out
 
 
-def _linear_parts(module: nn.Module) -> _Linear:
-    """An nn.Linear, a fused `GatedLoRALinear` or a peft LoRA layer → `_Linear`."""
+def _linear_parts(module: nn.Module, factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> _Linear:
+    """An nn.Linear (with the adapter's `factors` (Aᵀ, s·Bᵀ) for it, if any), a fused
+    `GatedLoRALinear` or a peft LoRA layer → `_Linear`."""
     from ..dual_stream import GatedLoRALinear
 
+    if factors is not None:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"LoRA factors for a {type(module).__name__}, not a linear layer")
+        return _Linear(module.weight, module.bias, *factors)
     if isinstance(module, GatedLoRALinear):
         return _Linear(module.base.weight, module.base.bias, module.A_t, module.B_t)
     if isinstance(module, nn.Linear):
@@ -101,50 +108,69 @@ class _Decoder:
     head_dim: int
 
 
-_DECODERS: "weakref.WeakKeyDictionary[nn.Module, _Decoder]" = weakref.WeakKeyDictionary()
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _decoder(decoder: nn.Module) -> _Decoder:
-    """The weights of a transformers `WhisperDecoder` (possibly holding LoRA layers), read once
-    per decoder; a decoder with trainable (unfused peft) LoRA layers is read again every time,
-    since its scaled B matrices are copies that training would leave behind."""
-    cached = _DECODERS.get(decoder)
+def _decoder(decoder: nn.Module, lora: Optional[LoraFactors] = None) -> _Decoder:
+    """The weights of a Whisper decoder (transformers' `WhisperDecoder`, or `model.Decoder`),
+    with the LoRA delta of `lora` (factors named from the Whisper model's root) or of the LoRA
+    layers it holds; read once per decoder and adapter. A decoder with trainable (unfused peft)
+    LoRA layers is read again every time, since its scaled B matrices are copies that training
+    would leave behind."""
+    cached = _DECODERS.get(decoder, {}).get(lora)
     if cached is not None:
         return cached
-    from peft.tuners.lora import LoraLayer
+    trainable = False
+    if lora is None and "peft" in sys.modules:  # (peft's layers exist only if peft was imported)
+        from peft.tuners.lora import LoraLayer
 
-    trainable = any(isinstance(module, LoraLayer) for module in decoder.modules())
+        trainable = any(isinstance(module, LoraLayer) for module in decoder.modules())
+    factors = lora.under("model.decoder.") if lora is not None else {}
+    if lora is not None and len(factors) != len(lora.by_module):
+        raise TypeError("the one-row layout adapts decoder layers only")
+
+    def parts(name: str, module: nn.Module) -> _Linear:
+        return _linear_parts(module, factors.pop(name, None))
+
     layers = []
-    for layer in decoder.layers:
-        attention, cross = layer.self_attn, layer.encoder_attn
-        parts = _Layer(
+    for i, layer in enumerate(decoder.layers):
+        at = f"layers.{i}."
+        attention = layer.self_attn
+        linears = {
+            name: parts(at + name, layer.get_submodule(name)) for name in (
+                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj", "fc1", "fc2",
+            )
+        }
+        made = _Layer(
             layer.self_attn_layer_norm,
-            _linear_parts(attention.q_proj), _linear_parts(attention.k_proj),
-            _linear_parts(attention.v_proj), _linear_parts(attention.out_proj),
+            linears["self_attn.q_proj"], linears["self_attn.k_proj"], linears["self_attn.v_proj"], linears["self_attn.out_proj"],
             layer.encoder_attn_layer_norm,
-            _linear_parts(cross.q_proj), _linear_parts(cross.k_proj),
-            _linear_parts(cross.v_proj), _linear_parts(cross.out_proj),
-            layer.final_layer_norm, _linear_parts(layer.fc1), _linear_parts(layer.fc2),
+            linears["encoder_attn.q_proj"], linears["encoder_attn.k_proj"], linears["encoder_attn.v_proj"],
+            linears["encoder_attn.out_proj"],
+            layer.final_layer_norm, linears["fc1"], linears["fc2"],
             layer.activation_fn, attention.scaling,
         )
-        if parts.cross_k.lora_a_t is not None or parts.cross_v.lora_a_t is not None:
+        if made.cross_k.lora_a_t is not None or made.cross_v.lora_a_t is not None:
             # the audio keys/values are computed once per window for both streams
             raise TypeError("an adapter on the audio keys/values is not supported by the one-row layout")
-        layers.append(parts)
+        layers.append(made)
+    if factors:
+        raise TypeError(f"LoRA factors for layers the one-row layout does not adapt: {sorted(factors)[:3]}")
     first = decoder.layers[0].self_attn
     made = _Decoder(
         tuple(layers), decoder.embed_tokens.weight, decoder.embed_positions.weight,
         float(getattr(decoder, "embed_scale", 1.0)), decoder.layer_norm, first.num_heads, first.head_dim,
     )
     if not trainable:
-        _DECODERS[decoder] = made
+        _DECODERS.setdefault(decoder, {})[lora] = made
     return made
 
 
-def supported(decoder: nn.Module) -> bool:
+def supported(decoder: nn.Module, lora: Optional[LoraFactors] = None) -> bool:
     """Whether `WhisperStreams` can run this decoder (else `HFDualStream` does)."""
     try:
-        _decoder(decoder)
+        _decoder(decoder, lora)
     except (TypeError, AttributeError):
         return False
     return True
@@ -158,7 +184,9 @@ class WhisperStreams:
     """`DualStreamModel` over one window per row of a Whisper decoder: the one-row layout above,
     for a batch of B windows (DESIGN §1.6).
 
-    decoder: the `WhisperDecoder` (its LoRA layers, if any, are the predictive stream's delta)
+    decoder: the decoder (`model.Decoder` or transformers' `WhisperDecoder`)
+    lora: the adapter's factors (the predictive stream's delta); None: the decoder's own LoRA
+        layers if it holds any (a peft model)
     lm_head: the output projection
     encoder_hidden_states: [B, 1500, d_model], one window per row
     process_logits: as `HFDualStream`'s; or one per row (prompts of different lengths)
@@ -183,8 +211,9 @@ class WhisperStreams:
         max_length: int,
         observe_index: Union[None, int, Sequence[Optional[int]]] = None,
         head_dtype: Optional[torch.dtype] = None,
+        lora: Optional[LoraFactors] = None,
     ):
-        self.weights = _decoder(decoder)
+        self.weights = _decoder(decoder, lora)
         self.head_dtype = head_dtype
         if drafting and not any(layer.q.lora_a_t is not None for layer in self.weights.layers):
             raise ValueError("drafting needs a decoder with an adapter (LoRA layers)")
