@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -264,10 +265,14 @@ def configure_output(*, verbose: bool) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # FutureWarnings &c. of the libraries we call
-    import transformers
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" on every model load
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" on every model load
+    else:  # the same, read when it is imported (a plain transcription never imports it: ~1 s)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
