@@ -303,6 +303,13 @@ class StreamGate:
         return len(targets)
 
 
+def lora_factors(lora_A: torch.Tensor, lora_B_scaled: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Aᵀ, s·Bᵀ) contiguous, in the dtype and on the device of the base layer's weight `like`
+    (peft keeps adapter weights in float32 under a float16/bfloat16 model: match the layer)."""
+    to = {"dtype": like.dtype, "device": like.device}
+    return lora_A.detach().to(**to).t().contiguous(), lora_B_scaled.detach().to(**to).t().contiguous()
+
+
 class GatedLoRALinear(nn.Module):
     """base(x) + gate · (x Aᵀ)(s B)ᵀ: a peft LoRA layer's inference arithmetic, per-row gated.
 
@@ -314,10 +321,9 @@ class GatedLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B_scaled: torch.Tensor, gate: StreamGate):
         super().__init__()
         self.base = base
-        # peft keeps adapter weights in float32 under a float16/bfloat16 model: match the layer
-        like = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.register_buffer("A_t", lora_A.detach().to(**like).t().contiguous())
-        self.register_buffer("B_t", lora_B_scaled.detach().to(**like).t().contiguous())
+        a_t, b_t = lora_factors(lora_A, lora_B_scaled, base.weight)
+        self.register_buffer("A_t", a_t)
+        self.register_buffer("B_t", b_t)
         self.stream_gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

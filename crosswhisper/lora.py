@@ -20,7 +20,7 @@ from typing import Optional, Protocol, Union
 import torch
 from torch import nn
 
-from .dual_stream import StreamGate
+from .dual_stream import StreamGate, lora_factors
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def new_adapter(base: BaseWeights, *, rank: Optional[int] = None, random_init: b
 def _named_modules(base: BaseWeights) -> nn.Module:
     """The module tree adapters name: the lean `weights` where the family has them (loading an
     adapter then needs neither transformers' model nor peft), else the transformers model."""
-    return getattr(base, "weights", None) or base.model
+    weights = getattr(base, "weights", None)
+    return base.model if weights is None else weights
 
 
 def save_adapter(
@@ -232,9 +233,8 @@ def read_lora_factors(directory: Path, modules: nn.Module) -> LoraFactors:
         if (not isinstance(layer, nn.Linear) or a is None or b is None
                 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]):
             raise ValueError(f"adapter {directory} does not fit this model: no linear layer {name} of its shape")
-        like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
-        # (float32 products as peft's: B·s computed in float32 before any cast, as `fuse` does)
-        by_module[name] = (a.float().to(**like).t().contiguous(), (b.float() * scaling).to(**like).t().contiguous())
+        # float32 as peft holds them, B·s in float32 before any cast: `StreamGate.fuse`'s arithmetic
+        by_module[name] = lora_factors(a.float(), b.float() * scaling, layer.weight)
     return LoraFactors(by_module)
 
 

@@ -48,6 +48,8 @@ class LogMel:
         if config.get("dither", 0.0) or config.get("padding_value", 0.0) or config.get("feature_extractor_type") != "WhisperFeatureExtractor":
             return None
         size, n_fft, rate = config.get("feature_size", 80), config.get("n_fft", 400), config.get("sampling_rate", 16_000)
+        if not MEL_FILTERS.is_file():  # a broken install: fall back rather than fail the model's cache entry
+            return None
         with np.load(MEL_FILTERS) as banks:
             key = mel_filters_key(size, n_fft, rate)
             if key not in banks:
@@ -72,9 +74,16 @@ class LogMel:
             batch[row, : len(window)] = window
         waveform = torch.from_numpy(batch)
         stft = torch.stft(waveform, self.n_fft, self.hop_length, window=self._window, return_complex=True)
-        magnitudes = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as the extractor does
-        log_spec = torch.clamp(self._filters_t @ magnitudes, min=1e-10).log10()
-        maximum = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
+        log_spec = self.log10_power(stft[..., :-1])  # the last frame is dropped, as the extractor does
+        return self.scaled(log_spec, log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0])
+
+    def log10_power(self, stft: torch.Tensor) -> torch.Tensor:
+        """STFT frames [..., bins, frames] → log10 of their mel power, floored at 1e-10."""
+        return torch.clamp(self._filters_t @ (stft.abs() ** 2).contiguous(), min=1e-10).log10()
+
+    @staticmethod
+    def scaled(log_spec: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
+        """Whisper's dynamic range: clamped at 8 below `maximum` (the audio's), then scaled."""
         return (torch.maximum(log_spec, maximum - 8.0) + 4.0) / 4.0
 
 

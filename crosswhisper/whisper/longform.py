@@ -152,13 +152,12 @@ class StreamedFeatures:
     CHUNK = 3000  # frames per piece of the maximum's pass
 
     def __init__(self, mel: LogMel, audio: np.ndarray, *, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+        self.mel, self.device, self.dtype = mel, device, dtype
         self.audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
         self.n_fft, self.hop = mel.n_fft, mel.hop_length
         self.window_fn = torch.hann_window(self.n_fft)
-        self.mel_filters = torch.from_numpy(mel.mel_filters).to(torch.float32)
         frames = len(audio) // self.hop  # the extractor drops the STFT's last frame
-        self.shape = (1, self.mel_filters.shape[1], frames)
+        self.shape = (1, mel.feature_size, frames)
         self.maximum = max(self._log_mel(a, min(a + self.CHUNK, frames)).max() for a in range(0, frames, self.CHUNK))
 
     def _log_mel(self, first: int, end: int) -> torch.Tensor:
@@ -168,14 +167,12 @@ class StreamedFeatures:
         last = len(self.audio) - 1
         index = torch.where(index < 0, -index, torch.where(index > last, 2 * last - index, index))  # reflect
         stft = torch.stft(self.audio[index], self.n_fft, self.hop, window=self.window_fn, center=False, return_complex=True)
-        magnitudes = (stft.abs() ** 2).contiguous()
-        return torch.clamp(self.mel_filters.T @ magnitudes, min=1e-10).log10()
+        return self.mel.log10_power(stft)
 
     def window(self, seek: int) -> torch.Tensor:
         """Frames [seek, seek + 3000) [1, n_mels, ≤ 3000], clamped and scaled as the extractor does."""
         end = min(seek + WINDOW_FRAMES, self.shape[-1])
-        log_spec = torch.maximum(self._log_mel(seek, end), self.maximum - 8.0)
-        return ((log_spec + 4.0) / 4.0).unsqueeze(0).to(self.device, self.dtype)
+        return LogMel.scaled(self._log_mel(seek, end), self.maximum).unsqueeze(0).to(self.device, self.dtype)
 
 
 def window_features(features, seek: int) -> torch.Tensor:

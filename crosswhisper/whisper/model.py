@@ -198,24 +198,21 @@ def load(directory: Union[str, Path]) -> Whisper:
 
     directory = Path(directory)
     config = WhisperConfig.from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
-    with torch.device("meta"):  # no random initialisation: every tensor comes from the file
-        whisper = Whisper(config)
-    state = load_file(str(directory / WEIGHTS_FILE))
-    state.setdefault("proj_out.weight", state["model.decoder.embed_tokens.weight"])
-    whisper.load_state_dict(state, strict=True, assign=True)
-    whisper.proj_out.weight = whisper.model.decoder.embed_tokens.weight  # tied again after `assign`
-    return whisper.eval().requires_grad_(False)
+    return _over(config, load_file(str(directory / WEIGHTS_FILE)))
 
 
 def from_transformers(model: nn.Module) -> Whisper:
     """`Whisper` over a transformers `WhisperForConditionalGeneration`'s tensors (shared)."""
-    config = WhisperConfig.from_dict(model.config.to_dict())
-    with torch.device("meta"):
+    return _over(WhisperConfig.from_dict(model.config.to_dict()), dict(model.state_dict()))
+
+
+def _over(config: WhisperConfig, state: dict[str, torch.Tensor]) -> Whisper:
+    """`Whisper` whose parameters are `state`'s tensors themselves (no copy)."""
+    with torch.device("meta"):  # no random initialisation: every tensor comes from `state`
         whisper = Whisper(config)
-    state = dict(model.state_dict())
     state.setdefault("proj_out.weight", state["model.decoder.embed_tokens.weight"])
     whisper.load_state_dict(state, strict=True, assign=True)
-    whisper.proj_out.weight = whisper.model.decoder.embed_tokens.weight
+    whisper.proj_out.weight = whisper.model.decoder.embed_tokens.weight  # tied again after `assign`
     return whisper.eval().requires_grad_(False)
 
 
