@@ -320,6 +320,25 @@ def test_cache_dir_environment(monkeypatch, tmp_path):
     assert cache_dir() == Path.home() / ".cache" / "crosswhisper"
 
 
+def test_file_hashes_are_remembered_across_processes_until_the_file_changes(private_cache, tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    monkeypatch.setattr(cache, "_SHA_MEMO", {})  # a fresh process's memory
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"a" * 1000)
+    assert cache.sha256_file(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    memo_file = private_cache / "hashes.json"
+    (key,) = json.loads(memo_file.read_text())
+    memo_file.write_text(json.dumps({key: "remembered"}))  # proves the next process reads it
+    monkeypatch.setattr(cache, "_SHA_MEMO", {})
+    assert cache.sha256_file(path) == "remembered"
+    mtime = path.stat().st_mtime_ns
+    path.write_bytes(b"b" * 1000)  # same size, other bytes: a rewrite moves the mtime
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert cache.sha256_file(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
 def test_cache_is_reused_and_corrupt_entries_are_rebuilt(
     private_cache, conversions, tiny, utterances, caplog
 ):

@@ -1,6 +1,8 @@
 """Whisper: loading (bundled, CTranslate2, transformers, hub), one window's decoding, `transcribe()`.
 
     loading.py     a model name → `WhisperBundle` (bundled, CTranslate2 dir, HF dir or hub id)
+    model.py       the weights and the encoder in plain torch (decoding imports no transformers)
+    frontend.py    log-mel features, vocabulary, generation settings without transformers
     ct2.py         CTranslate2 `model.bin` reading and the exact conversion to transformers
     cache.py       the on-disk cache of converted models
     decode.py      one 30 s window: features, prompt, language, logits processing, decoding

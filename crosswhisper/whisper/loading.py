@@ -31,7 +31,6 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -154,19 +153,24 @@ class WhisperBundle:
     def model(self) -> "WhisperForConditionalGeneration":
         """transformers' model over the same tensors: the reference `generate`, beam search,
         peft adapters for training."""
-        return self._reference.get("model")
+        return self._transformers("model")
 
     @property
     def tokenizer(self) -> "WhisperTokenizerFast":
-        return self._reference.get("tokenizer")
+        return self._transformers("tokenizer")
 
     @property
     def generation_config(self) -> "GenerationConfig":
-        return self._reference.get("generation_config")
+        return self._transformers("generation_config")
 
     @property
     def feature_extractor(self) -> "WhisperFeatureExtractor":
-        return self._reference.get("feature_extractor")
+        return self._transformers("feature_extractor")
+
+    def _transformers(self, name: str):
+        if self._reference is None:
+            raise ValueError(f"this bundle was made without transformers' {name} (use load_whisper)")
+        return self._reference.get(name)
 
     @property
     def lora_recipe(self) -> LoraRecipe:
