@@ -4,7 +4,8 @@
 of a command-line run); its filters must be the very numbers `WhisperFeatureExtractor` makes,
 so they are made by transformers' own `mel_filter_bank` (float64) for the front ends of the
 released Whisper models (80 mel bins; 128 for large-v3 and turbo) and checked against the
-extractor in tests/test_frontend.py.
+extractor in tests/test_lean.py (equal in float32, what the features use;
+the float64 last bits depend on the CPU that makes them).
 
     python recipes/make_mel_filters.py
 """
