@@ -4,6 +4,7 @@ where a decode's time goes (phases).
     python eval/benchmark.py call_cost --model tiny.en
     python eval/benchmark.py decode --model tiny.en --adapter random --gammas 4 16
     python eval/benchmark.py phases --model base --adapter crosswhisper/adapters/base --gammas 0 4 8
+    python eval/benchmark.py projection --model tiny.en --rows 1 2 4 8
 
 Everything is measured in one process, systems interleaved per repetition/utterance after a
 warm-up, and reported as ratios against the baseline of the same run (DESIGN §4): absolute
@@ -237,6 +238,40 @@ def phases(args) -> dict:
     return {"model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype, "rows": rows}
 
 
+def projection(args) -> dict:
+    """The vocabulary projection's cost curve: each kernel `dual_stream.project` chooses from,
+    per row count (median ms, kernels interleaved per repetition after a warm-up)."""
+    import torch.nn.functional as F
+
+    from crosswhisper import dual_stream
+
+    bundle = _bundle(args)
+    weight = bundle.weights.proj_out.weight.detach()
+    packed = dual_stream._pack(weight)
+    kernels = {"x@Wᵀ (F.linear)": lambda x: F.linear(x, weight), "W@xᵀ": lambda x: dual_stream._w_xt(x, weight)}
+    if packed is not None:
+        kernels["oneDNN blocked copy"] = lambda x: dual_stream._packed(x, packed)
+    torch.manual_seed(0)
+    inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device) for rows in args.rows}
+    times = {(rows, name): [] for rows in args.rows for name in kernels}
+    with torch.inference_mode():
+        for rep in range(args.repeats + 2):  # the first two rounds warm up
+            for rows, x in inputs.items():
+                for name, kernel in kernels.items():
+                    t0 = _clock(args.device)
+                    kernel(x)
+                    if rep >= 2:
+                        times[(rows, name)].append(_clock(args.device) - t0)
+    table = [{"rows": rows, **{name: 1000 * statistics.median(times[(rows, name)]) for name in kernels}} for rows in args.rows]
+    print(f"\n{args.model} projection {tuple(weight.shape)}, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, "
+          f"median ms of {args.repeats}\n")
+    print("| rows | " + " | ".join(kernels) + " |")
+    print("|---" * (1 + len(kernels)) + "|")
+    for row in table:
+        print(f"| {row['rows']} | " + " | ".join(f"{row[name]:.2f}" for name in kernels) + " |")
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "rows": table}
+
+
 def _run_generate(bundle, hidden, prompt):
     return generate_greedy(bundle, hidden, prompt)
 
@@ -248,11 +283,12 @@ def _run_loop(bundle, hidden, prompt, adapted, options):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["call_cost", "decode", "phases"])
+    parser.add_argument("what", choices=["call_cost", "decode", "phases", "projection"])
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--adapter", default="random", help="'random' (untrained) or a peft adapter directory")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 3, 4, 5], help="pending + drafts per stream, γ + 1 (call_cost)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="row counts (projection)")
     parser.add_argument("--prefix-length", type=int, default=250, help="committed tokens before the call (call_cost; long-form prompts are ~250)")
     parser.add_argument("--gammas", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--blank-branches", action="store_true", help="decode: each γ with blank branches too")
@@ -263,7 +299,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
-        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases}[args.what](args)
+        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases, "projection": projection}[args.what](args)
     except EvalError as error:  # missing data: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.json:
