@@ -14,6 +14,7 @@ Whisper code here.
 
 from __future__ import annotations
 
+import platform
 import weakref
 from typing import Optional
 
@@ -54,6 +55,15 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_is_slow() -> bool:
+    """Whether this CPU lacks the instructions oneDNN's int8 products are fast with: an x86 CPU
+    below AVX-512 (no VNNI, no AMX). On a 2-core AMD EPYC with AVX2 (2026-12-01) `torch._int_mm`
+    made tiny.en's long-form decoding 3–6× slower than float32 (RTFx 3.4 / 2.3 against 11.6 /
+    13.2, eval/README.md); on an AVX-512 Xeon with AMX it was the fastest type."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return x86 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 _INT8: "weakref.WeakKeyDictionary[nn.Module, Int8Linear]" = weakref.WeakKeyDictionary()

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,23 @@ def test_int8_product_is_row_exact_and_close_to_float():
     assert torch.equal(zeros, linear.bias.detach().expand(3, -1))
     stack = quantize_linears(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 4))))
     assert isinstance(stack[0], Int8Linear) and isinstance(stack[1][0], Int8Linear)
+
+
+def test_int8_on_a_cpu_without_fast_int8_products_warns(monkeypatch, caplog):
+    """int8 is asked for speed; on an x86 CPU below AVX-512 (no VNNI/AMX) it runs slower than
+    float32, and the user is told so when the int8 variant is made."""
+    import logging
+
+    from crosswhisper import quantized
+    from crosswhisper.whisper import loading
+
+    monkeypatch.setattr(quantized.platform, "machine", lambda: "x86_64")
+    for capability, slow in (("AVX2", True), ("AVX512", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert quantized.int8_is_slow() is slow
+    monkeypatch.setattr(loading, "int8_is_slow", lambda: True)
+    bundle = crosswhisper.whisper.get_bundle("tiny.en")
+    monkeypatch.setattr(loading, "_VARIANTS", weakref.WeakKeyDictionary())  # the variant made afresh
+    with caplog.at_level(logging.WARNING, logger=loading.__name__):
+        assert loading.with_compute_type(bundle, "int8").compute_type == "int8"
+    assert "slower than float32" in caplog.text

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..lora import LoraRecipe
-from ..quantized import quantize_linears
+from ..quantized import int8_is_slow, quantize_linears
 from . import ct2
 from . import model as lean
 from .cache import cache_dir, load_cache_entry, publish_dir, sha256_file, write_cache_entry
@@ -197,6 +197,11 @@ def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle
         raise ValueError("compute_type='int8' runs on a CPU only; on a GPU use float32 (or float16 weights)")
     variants = _VARIANTS.setdefault(bundle.weights, {bundle.compute_type: bundle})
     if compute_type not in variants:
+        if compute_type == "int8" and int8_is_slow():  # asked for speed: say it will not come
+            logger.warning(
+                "compute_type='int8': this CPU (%s) has no fast int8 products (AVX-512 VNNI or AMX); "
+                "expect it to run slower than float32", torch.backends.cpu.get_cpu_capability(),
+            )
         variants[compute_type] = dataclasses.replace(bundle, compute_type=compute_type)
     return variants[compute_type]
 
