@@ -121,10 +121,11 @@ class _Projection:
 
     Besides the two layouts above, the weight in oneDNN's blocked layout (reordered once, what
     inductor's freezing does on x86 CPUs): on a 2-core AMD EPYC (AVX2, 2026-12-01, tiny.en's
-    51865 × 384 projection, `x@Wᵀ` / `W@xᵀ` / oneDNN, ms) 1 row 13.2 / 15.4 / 8.0, 2 rows
-    33.1 / 7.6 / 7.8, 8 rows 23.6 / 11.5 / 9.7; base 1 row 17.0 / 16.9 / 12.2, 8 rows
-    37.7 / 16.3 / 11.9 (MKL's product is slow there). The copy costs the projection's size
-    again, so it is made only to be timed and kept only while some row count runs on it."""
+    51865 × 384 projection, `python eval/benchmark.py projection`, `x@Wᵀ` / `W@xᵀ` / oneDNN,
+    ms) 1 row 11.5 / 11.0 / 6.2, 2 rows 25.4 / 6.9 / 6.5, 8 rows 23.7 / 11.3 / 9.0; base
+    1 row 15.6 / 16.2 / 8.4, 8 rows 32.7 / 15.1 / 11.4 (MKL's product is slow there;
+    eval/README.md). The copy costs the projection's size again, so it is made only to be
+    timed and kept only while some row count runs on it."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.detach()
