@@ -136,7 +136,19 @@ class _Projection:
         rows = x.shape[0]
         kernel = self.kernel.get(rows)
         if kernel is None:
-            kernel = self.kernel[rows] = self._fastest(x)
+            # One choice per shape and row count in a process, not per module: kernels differ in
+            # their last bits, and two copies of a model (a peft-wrapped and a merged one, two
+            # workers' bundles) must compute the same logits whatever the timing noise said.
+            key = (tuple(self.weight.shape), self.weight.dtype, x.device.type, rows)
+            kernel = _CHOSEN_KERNELS.get(key)
+            if kernel is None:
+                kernel = _CHOSEN_KERNELS[key] = self._fastest(x)
+            self.kernel[rows] = kernel
+            if _packed in self.kernel.values():
+                if self.packed is None:
+                    self.packed = _pack(self.weight)
+            else:
+                self.packed = None  # nobody runs on it (a row count timed later packs again)
         if kernel is _packed:
             return _packed(x, self.packed)
         return kernel(x, self.weight)
@@ -144,24 +156,23 @@ class _Projection:
     def _fastest(self, x: torch.Tensor) -> Callable:
         if x.device.type != "cpu":
             return _linear
-        runs = {kernel: (lambda k: lambda: k(x, self.weight))(kernel) for kernel in _KERNELS}
-        if self.packed is None:
-            self.packed = _pack(self.weight)
-        if self.packed is not None:
-            runs[_packed] = lambda: _packed(x, self.packed)
+        packed = self.packed if self.packed is not None else _pack(self.weight)
+        runs = {kernel: (x, self.weight) for kernel in _KERNELS}
+        if packed is not None:
+            runs[_packed] = (x, packed)
         times = {kernel: [] for kernel in runs}
         for _ in range(4):  # interleaved; the first round warms up
-            for kernel, run in runs.items():
+            for kernel, args in runs.items():
                 t0 = time.perf_counter()
-                run()
+                kernel(*args)
                 times[kernel].append(time.perf_counter() - t0)
         best = min(runs, key=lambda k: statistics.median(times[k][1:]))
-        if _packed not in (*self.kernel.values(), best):
-            self.packed = None  # nobody runs on it (a row count timed later packs again)
         logger.debug("vocabulary projection of %d rows: %s", x.shape[0], best.__name__)
         return best
 
 
+# (weight shape, dtype, device type, rows) -> the kernel timed fastest for it in this process
+_CHOSEN_KERNELS: dict[tuple, Callable] = {}
 _PROJECTIONS: "weakref.WeakKeyDictionary[nn.Module, _Projection]" = weakref.WeakKeyDictionary()
 
 
