@@ -155,6 +155,28 @@ def test_transcribe_with_adapter_directory(tmp_path, test_clean):
     assert fast.stats.tokens_per_forward >= 1.0
 
 
+def test_copies_of_an_output_layer_share_the_projection_kernel(monkeypatch):
+    """The vocabulary projection's kernel is timed per row count (`dual_stream._Projection`). Two
+    copies of one layer (a merged and a peft-wrapped model) must share that choice, else timing
+    noise gives them different kernels and logits that differ in the last bits (what failed CI
+    on an AVX2 EPYC, 2026-12-01, in the test below)."""
+    from torch import nn
+
+    from crosswhisper import dual_stream
+
+    timed = []
+    fastest = dual_stream._Projection._fastest
+    monkeypatch.setattr(dual_stream._Projection, "_fastest", lambda self, x: timed.append(x.shape[0]) or fastest(self, x))
+    torch.manual_seed(0)
+    head, copy = nn.Linear(96, 5003, bias=False), nn.Linear(96, 5003, bias=False)
+    with torch.inference_mode():
+        copy.weight.copy_(head.weight)
+        hidden = torch.randn(1, 7, 96)
+        for rows in (1, 7):
+            assert torch.equal(dual_stream.project(hidden[:, :rows], head), dual_stream.project(hidden[:, :rows], copy))
+    assert timed == [1, 7]  # timed once per row count, for the first copy
+
+
 def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, tmp_path):
     bundle = get_bundle("tiny.en")
     hooked = new_adapter(bundle, rank=8, random_init=True, seed=2)
