@@ -156,10 +156,11 @@ class _Projection:
     def _fastest(self, x: torch.Tensor) -> Callable:
         if x.device.type != "cpu":
             return _linear
-        packed = self.packed if self.packed is not None else _pack(self.weight)
+        if self.packed is None:
+            self.packed = _pack(self.weight)  # `__call__` drops it again if it does not win
         runs = {kernel: (x, self.weight) for kernel in _KERNELS}
-        if packed is not None:
-            runs[_packed] = (x, packed)
+        if self.packed is not None:
+            runs[_packed] = (x, self.packed)
         times = {kernel: [] for kernel in runs}
         for _ in range(4):  # interleaved; the first round warms up
             for kernel, args in runs.items():
