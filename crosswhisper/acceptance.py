@@ -155,6 +155,7 @@ def verify_greedy(
     rule: AcceptanceRule,
     q_hat: Optional[torch.Tensor] = None,
     exact_only: Optional[torch.Tensor] = None,
+    equivalent: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification (T = 0). Returns (n [B], next_token [B]).
 
@@ -164,13 +165,16 @@ def verify_greedy(
     (T = 1) distributions, stays above τ√(k/γ) (U fixed at 1: deterministic). Its q_k is
     q̂_k(d_k), the cached proposal the draft was taken from (`q_hat` [B, γ, V], lossy only): a
     later pass's Q_k would give E ≈ 0 to a draft that neither stream wants any more.
-    `exact_only` [B, γ] marks drafts the lossy rule may not accept (end-of-sequence tokens):
-    they pass only as argmax P_k.
+    `equivalent` [B, γ] (lossy, from the model family: `decoding.DraftEquivalence`): drafts to
+    accept although they are not argmax P_k, because they change nothing the family cares about
+    (Whisper: a segment boundary, not a word). `exact_only` [B, γ] marks drafts no lossy rule
+    may accept (end-of-sequence tokens, repeats: `repeats`): they pass only as argmax P_k.
     """
     check_shapes(P_logits, drafts, valid, q_hat if not rule.lossless else None)
     B, gamma = drafts.shape
     target = P_logits.argmax(dim=-1)  # [B, γ+1]
     passed = drafts == target[:, :gamma]
+    loose = equivalent
     if not rule.lossless:
         if q_hat is None:
             raise ValueError("lossy greedy verification needs the drafts' proposals q_hat")
@@ -178,13 +182,30 @@ def verify_greedy(
         q_draft = _gather(q_hat, drafts)
         rho_hat = smoothed_energies(energies(p_draft, q_draft), rule.beta)
         eta = thresholds(torch.zeros_like(rho_hat), rule.tau, rule.gamma)
-        loose = rho_hat >= eta
+        loose = rho_hat >= eta if loose is None else loose | (rho_hat >= eta)
+    if loose is not None:
         if exact_only is not None:
             loose = loose & ~exact_only
         passed = passed | loose
     n = accepted_prefix(passed, valid)
     rows = torch.arange(B, device=P_logits.device)
     return n, target[rows, n]
+
+
+def repeats(history: list[int], drafts: list[int], max_period: int = 16) -> list[bool]:
+    """Per draft slot k: whether history + d_1..d_k ends in one span twice in a row (a period
+    of 1..`max_period` tokens). A lossy rule must not accept such a draft: a loop ("Knit 1.
+    Knit 1. …") starts as one loosely accepted repeat, and then feeds itself. Lossless
+    decoding never asks (the control's own repeats stand)."""
+    flags, sequence = [], list(history)
+    for draft in drafts:
+        sequence.append(draft)
+        end = len(sequence)
+        flags.append(any(
+            sequence[end - period :] == sequence[end - 2 * period : end - period]
+            for period in range(1, min(max_period, end // 2) + 1)
+        ))
+    return flags
 
 
 @dataclass
