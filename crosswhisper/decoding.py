@@ -19,20 +19,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 
 from .acceptance import AcceptanceRule, DraftBuffer, repeats, verify_greedy, verify_sampled
 
 logger = logging.getLogger(__name__)
-
-
-# A model family's lossy equivalence: (processed control logits [B, γ, V] at the draft slots,
-# drafts [B, γ]) → bool [B, γ]: drafts that are not the control's first choice but change
-# nothing the family cares about, accepted by `DecodeOptions.equivalent_drafts` (greedy only).
-# Whisper's: `whisper.decode.timestamp_equivalence` (segment boundaries and times, never words).
-DraftEquivalence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -91,9 +84,6 @@ class DecodeOptions:
     # also return each generated token's log-probability under the control stream's processed,
     # untempered distribution (Whisper's avg_logprob for temperature fallback)
     token_logprobs: bool = False
-    # lossy: also accept the drafts the model family's `DraftEquivalence` calls equivalent to the
-    # control's choice (greedy windows; sampled ones keep the exact test). No effect without one
-    equivalent_drafts: bool = False
 
     def __post_init__(self):
         if int(self.gamma) != self.gamma or self.gamma < 0:
@@ -160,7 +150,6 @@ def decode_batch(
     placeholder_id: int,
     generator: Optional[torch.Generator] = None,
     device=None,
-    equivalence: Optional[DraftEquivalence] = None,
 ) -> list[DecodeResult]:
     """Decode B sequences at once (DESIGN §1.6), one result per prompt, in order.
 
@@ -170,7 +159,6 @@ def decode_batch(
     (`model.reset(B, padding)`: the model masks the padding). Lossless greedy rows are
     token-identical to their batch-1 decode (up to the last bits of batched float
     arithmetic: see DESIGN §1.6); sampled rows keep their own distribution.
-    `equivalence`: the model family's (used with `options.equivalent_drafts`, greedy only).
     """
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("decode_batch needs at least one prompt, none of them empty")
@@ -180,8 +168,7 @@ def decode_batch(
     rule = AcceptanceRule(beta=options.beta, tau=options.tau, gamma=gamma) if gamma else None
     # the lossy greedy test judges a draft by the distribution it was taken from, so keep that too
     proposals = gamma > 0 and (sampling or not rule.lossless)
-    equivalence = equivalence if gamma and options.equivalent_drafts and not sampling else None
-    lossy = gamma > 0 and (not rule.lossless or equivalence is not None)
+    lossy = gamma > 0 and not rule.lossless
     batch = len(prompts)
     buffer = DraftBuffer.empty(batch, gamma, model.vocab_size, placeholder=placeholder_id, proposals=proposals, device=device)
     results = [DecodeResult(tokens=[]) for _ in prompts]
@@ -230,8 +217,7 @@ def decode_batch(
             n_all, next_all = verify_sampled(P, drafts, buffer.q_hat[:, :fit], valid, rule, generator, exact_only)
         else:
             q_hat = None if rule.lossless else buffer.q_hat[:, :fit]
-            equivalent = None if equivalence is None else equivalence(P_logits[:, :fit], drafts)
-            n_all, next_all = verify_greedy(P_logits, drafts, valid, rule, q_hat, exact_only, equivalent)
+            n_all, next_all = verify_greedy(P_logits, drafts, valid, rule, q_hat, exact_only)
         n_all, next_all = n_all.tolist(), next_all.tolist()
 
         staying, keeps = [], []

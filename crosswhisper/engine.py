@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .decoding import DecodeOptions, DecodeResult, DraftEquivalence, DualStreamModel, decode_batch
+from .decoding import DecodeOptions, DecodeResult, DualStreamModel, decode_batch
 
 
 def default_gamma(table: Mapping[str, int], device) -> int:
@@ -49,7 +49,6 @@ def decode_prompts(
     placeholder_id: int,
     generator: Optional[torch.Generator],
     device,
-    equivalence: Optional[DraftEquivalence] = None,
 ) -> list[DecodeResult]:
     """`decode_prompt` for a batch: one sequence per prompt, decoded together (`decode_batch`);
     `streams(drafting)` builds the model over all of them. Each row is capped by the positions
@@ -63,7 +62,6 @@ def decode_prompts(
         placeholder_id=placeholder_id,
         generator=generator,
         device=device,
-        equivalence=equivalence,
     )
 
 

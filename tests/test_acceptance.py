@@ -264,19 +264,6 @@ def test_wrong_shapes_are_refused():
         verify_sampled(P[:, :4], drafts, torch.rand(1, 3, V + 1), valid, AcceptanceRule(gamma=3))
 
 
-def test_an_equivalent_draft_passes_unless_it_is_exact_only():
-    # the family's equivalence (Whisper: a likely segment boundary) accepts what argmax refuses
-    P = torch.tensor([[[0.1, 0.6, 0.3, 0.0], [0.1, 0.2, 0.6, 0.1], [0.7, 0.1, 0.1, 0.1]]]).log()
-    drafts, valid = torch.tensor([[2, 2]]), torch.ones(1, 2, dtype=torch.bool)
-    rule = AcceptanceRule(gamma=2)
-    assert verify_greedy(P, drafts, valid, rule)[0].item() == 0  # lossless: slot 1 wants 1
-    equivalent = torch.tensor([[True, False]])
-    n, next_token = verify_greedy(P, drafts, valid, rule, equivalent=equivalent)
-    assert (n.item(), next_token.item()) == (2, 0)  # slot 2's draft is argmax itself
-    assert verify_greedy(P, drafts, valid, rule, exact_only=torch.tensor([[True, False]]), equivalent=equivalent)[0].item() == 0
-    assert verify_greedy(P, drafts, torch.tensor([[False, True]]), rule, equivalent=equivalent)[0].item() == 0  # placeholders never
-
-
 def test_repeats_flags_a_draft_that_completes_a_span_twice_in_a_row():
     knit = [11, 12, 13]  # "Knit 1."
     assert repeats(knit, knit) == [False, False, True]

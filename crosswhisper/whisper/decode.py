@@ -235,35 +235,6 @@ def dual_streams(
     )
 
 
-# Whisper's lossy equivalence (`DecodeOptions.equivalent_drafts`, `transcribe(lossy=True)`):
-# which timestamp drafts pass although the control stream picked something else. Chosen by
-# measurement (eval/README.md, "Lossy decoding").
-BOUNDARY_MASS = 0.2  # the control's total timestamp probability at least this
-TIMESTAMP_SLACK = 0  # and the draft its likeliest timestamp (0: no slack; 5 = 0.1 s changed base's words)
-
-
-def timestamp_equivalence(bundle: WhisperBundle, *, min_mass: float = BOUNDARY_MASS, slack: int = TIMESTAMP_SLACK):
-    """Whisper's `decoding.DraftEquivalence`: a drafted timestamp is as good as the control
-    stream's choice when the control gives timestamps at least `min_mass` in all and the draft
-    lies within `slack` steps of its likeliest one: a segment boundary placed where the control
-    finds one likely (it preferred a word there by a little). Never a word: a text draft must be
-    the control's choice. The drafted timestamp must be one the timestamp rules allow (its logit
-    finite). Why it gains little: a boundary that moves changes the next window's seek and
-    previous-text prompt, and with them later words (base, 0.1 s slack: +1.3 WER points), so the
-    defaults accept only the control's own likeliest time (eval/README.md)."""
-    timestamp_begin = bundle.settings.no_timestamps_token_id + 1
-
-    def equivalent(control_logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-        logprobs = control_logits.float().log_softmax(-1)
-        stamps = logprobs[..., timestamp_begin:]
-        mass = stamps.logsumexp(-1).exp()
-        likeliest = stamps.argmax(-1) + timestamp_begin
-        allowed = logprobs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) > float("-inf")
-        return (drafts >= timestamp_begin) & allowed & (mass >= min_mass) & ((drafts - likeliest).abs() <= slack)
-
-    return equivalent
-
-
 @dataclass
 class WindowResult(DecodeResult):
     # P(<|nospeech|>) from the control stream's unprocessed logits at <|startoftranscript|>, as
@@ -334,7 +305,6 @@ def decode_windows(
         placeholder_id=eot,
         generator=generator,
         device=encoder_hidden_states.device,
-        equivalence=timestamp_equivalence(bundle) if timestamps and options.equivalent_drafts else None,
     )
     model = made[0]
     observed = model.observed if isinstance(model, WhisperStreams) else [model.observed_logits]

@@ -52,12 +52,6 @@ class TranscribeOptions(LongFormOptions):
     beta: float = field(default=0.0, metadata={"help": "EMA factor in [0, 1); 0 = lossless (default)"})
     # energy floor, ≤ 0; more negative accepts more drafts (lossy, faster)
     tau: float = field(default=0.0, metadata={"help": "energy floor ≤ 0; 0 = lossless (default)"})
-    # lossy drafting with Whisper's equivalence (decode.timestamp_equivalence): a drafted
-    # segment boundary the control stream finds likely passes, words stay the control's; with
-    # the repetition guard, which also holds for beta/tau
-    lossy: bool = field(default=False, metadata={
-        "help": "lossy drafting: accept a drafted segment boundary where the model finds one likely "
-                "(a few per cent more tokens per forward; the words stay the model's, segments may split differently)"})
     # draft from blank branches: more tokens per call for (γ+1)² more tokens in it
     blank_branches: bool = field(default=False, metadata={
         "help": "draft from blank branches: more tokens per call for (γ+1)² more tokens in it (worth it on a GPU)"})
@@ -88,7 +82,6 @@ class TranscribeOptions(LongFormOptions):
         return DecodeOptions(
             gamma=gamma, beta=self.beta, tau=self.tau, temperature=max(self.temperature),
             max_new_tokens=MAX_NEW_TOKENS, blank_branches=self.blank_branches, token_logprobs=True,
-            equivalent_drafts=self.lossy,
         )
 
 
@@ -171,8 +164,6 @@ def transcribe(
         `logprob_threshold` (-1.0), `no_speech_threshold` (0.6), `condition_on_previous_text`
         (True), `initial_prompt`, `without_timestamps` (False), `task` ("transcribe" or
         "translate"), `language` (None: detected on the first window), `gamma`, `beta`, `tau`,
-        `lossy` (False; True: a drafted segment boundary that the control stream finds likely
-        passes, words stay its own; a few % more tokens per forward, not token-identical),
         `blank_branches`, `beam_size` (1; > 1 is transformers' beam search, not accelerated),
         `word_timestamps` (False), `seed`: see `TranscribeOptions` and `LongFormOptions`.
         `blank_branches` drafts more tokens per forward call for (γ+1)² more tokens in every
