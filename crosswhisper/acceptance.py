@@ -192,7 +192,7 @@ def repeats(history: list[int], drafts: list[int], max_period: int = 16) -> list
     of 1..`max_period` tokens). A lossy rule must not accept such a draft: a loop ("Knit 1.
     Knit 1. …") starts as one loosely accepted repeat, and then feeds itself. Lossless
     decoding never asks (the control's own repeats stand)."""
-    flags, sequence = [], list(history)
+    flags, sequence = [], list(history[-2 * max_period :])  # (an older token cannot be in a span)
     for draft in drafts:
         sequence.append(draft)
         end = len(sequence)
