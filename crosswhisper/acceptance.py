@@ -125,8 +125,8 @@ def verify_sampled(
     The next token is the correction x_c ~ norm(max(0, P_{n+1} − q̂_{n+1})) after a rejection,
     or the bonus x ~ P_{γ+1} when all γ drafts were accepted. A slot without a draft is
     treated as a rejection whose proposal put no mass anywhere, so x_c ~ P_{n+1}.
-    `exact_only` [B, γ] marks drafts the lossy rule may not accept (end-of-sequence tokens):
-    they pass only the lossless test U_k ≤ p_k / q_k.
+    `exact_only` [B, γ] marks drafts the lossy rule may not accept (end-of-sequence tokens,
+    repeats: `repeats`): they pass only the lossless test U_k ≤ p_k / q_k.
     """
     check_shapes(P, drafts, valid, q_hat)
     B, gamma = drafts.shape

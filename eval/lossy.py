@@ -44,18 +44,17 @@ SETTINGS = {
 }
 
 
-def curve(bundle, files, settings: dict, rounds: int = 1) -> dict:
+def curve(bundle, files, settings: dict) -> dict:
     """Per setting: WER, tokens per forward, decode seconds and changed files over `files`."""
     rows = {name: {"hypotheses": {}, "tokens": 0, "calls": 0, "decode_seconds": 0.0} for name in settings}
-    for _ in range(rounds):
-        for name_file, audio, _ in files:
-            for name, kwargs in settings.items():  # interleaved: the same machine state per file
-                result = crosswhisper.transcribe(audio, model=bundle, **kwargs)
-                row = rows[name]
-                row["hypotheses"][name_file] = result.text
-                row["tokens"] += result.stats.generated_tokens
-                row["calls"] += result.stats.forward_calls
-                row["decode_seconds"] += result.stats.decode_seconds
+    for name_file, audio, _ in files:
+        for name, kwargs in settings.items():  # interleaved: the same machine state per file
+            result = crosswhisper.transcribe(audio, model=bundle, **kwargs)
+            row = rows[name]
+            row["hypotheses"][name_file] = result.text
+            row["tokens"] += result.stats.generated_tokens
+            row["calls"] += result.stats.forward_calls
+            row["decode_seconds"] += result.stats.decode_seconds
     references = [reference for _, _, reference in files]
     lossless = rows["lossless"]
     report = {}
