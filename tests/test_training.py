@@ -105,6 +105,25 @@ def test_student_sees_what_the_predictive_stream_sees_at_inference(setup):
     assert torch.equal(train_logits.masked_fill(~finite, -float("inf")).argmax(-1), infer_logits.argmax(-1))
 
 
+def test_a_block_at_the_end_of_a_full_window_trains(setup):
+    """Long-form windows can fill the decoder (prompt + tokens = 448 positions): a block cut at
+    the last token reaches past the last position with slots that have no target (a crash until
+    2026-12-01, when training on whole chapters first met such a window)."""
+    bundle, examples = setup
+    ex = examples[0]
+    full = bundle.model.config.max_target_positions
+    generated = ex.tokens[ex.prompt_length :]
+    tokens = torch.cat([ex.tokens[: ex.prompt_length], generated.repeat(full // len(generated) + 1)])[:full]
+    window = type(ex)(ex.utterance, ex.encoder_states, tokens, ex.prompt_length)
+    adapted = new_adapter(bundle, rank=4, seed=0)
+    _, cache = _teacher_pass(bundle, window)
+    cuts = torch.tensor([full - 2, full - 10])
+    drafts = torch.full((2, 4), special_id(bundle, "<|endoftext|>"))
+    with torch.no_grad():
+        logits = student_logits(adapted, window, cuts, drafts, cache)
+    assert logits.shape[:2] == (2, 5) and torch.isfinite(logits).all()
+
+
 def test_training_steps_checkpoint_and_resume(setup, tmp_path):
     bundle, examples = setup
     config = TrainingConfig(gamma=4, rank=4, steps=2, cuts_per_utterance=2, utterances_per_step=1, checkpoint_every=1)

@@ -80,8 +80,11 @@ def student_logits(
     rows, gamma = drafts.shape
     L = example.tokens.shape[0]
     block = torch.cat([example.tokens[cuts].view(-1, 1), drafts], dim=1)
-    positions = cuts.view(-1, 1) + torch.arange(gamma + 1).view(1, -1)
     whisper = adapted.peft_model.base_model.model
+    # a block near the end of a full window reaches past the decoder's last position: those slots
+    # are placeholders without targets (as inference never drafts there), so any position will do
+    last = whisper.config.max_target_positions - 1
+    positions = (cuts.view(-1, 1) + torch.arange(gamma + 1).view(1, -1)).clamp_max(last)
     adapted.gate.gate = None  # adapter on in every row: all rows are predictive
     cache = EncoderDecoderCache(
         _repeat_cache(teacher_cache.self_attention_cache, rows), _repeat_cache(teacher_cache.cross_attention_cache, rows)
