@@ -365,8 +365,23 @@ def test_the_repetition_guard_holds_a_reckless_energy_test(tiny, longform_audio,
         words = normalize_text(text).split()
         return sum(a == b for a, b in zip(words, words[1:]))
 
+    # the promise itself: every accepted draft the guard (or the stop-token rule) flagged is the
+    # control stream's argmax at its slot
+    flagged_accepted = []
+    verify_greedy = decoding.verify_greedy
+
+    def watched(P_logits, drafts, valid, rule, q_hat=None, exact_only=None):
+        n, next_token = verify_greedy(P_logits, drafts, valid, rule, q_hat, exact_only)
+        target = P_logits.argmax(-1)
+        for row, k in ([] if exact_only is None else exact_only.nonzero().tolist()):
+            if k < n[row]:
+                flagged_accepted.append(bool(drafts[row, k] == target[row, k]))
+        return n, next_token
+
+    monkeypatch.setattr(decoding, "verify_greedy", watched)
     reckless = dict(temperature=0.0, tau=-20.0, beta=0.5)
     guarded = crosswhisper.transcribe(audio, model=tiny, **reckless)
+    assert flagged_accepted and all(flagged_accepted)
     monkeypatch.setattr(decoding, "repeats", lambda history, drafts, max_period=16: [False] * len(drafts))
     unguarded = crosswhisper.transcribe(audio, model=tiny, **reckless)
     exact = crosswhisper.transcribe(audio, model=tiny, temperature=0.0)
