@@ -53,6 +53,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .decoding import BlockOutput
 from .quantized import int8_linear
@@ -104,6 +105,30 @@ _KERNELS = (_linear, _w_xt)
 
 def _packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+# Rows up to which a drafting call's linear layers run on oneDNN's blocked copy of the weight
+# (2-core AMD EPYC, AVX2, tiny.en, 2026-12-02: MKL's product of 4-8 rows read fc1's 2.4 MB at
+# ~3 GB/s, slower than its one-row path; the γ = 3 call went 34.1 → 30.6 ms, eval/README.md,
+# "A cheaper drafting call"). Above it (a prompt) the product is compute-bound and MKL's.
+BLOCKED_ROWS = 32
+_BLOCKED_WEIGHTS = WeakTensorKeyDictionary()  # weight → its blocked copy (None: this build has none)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for a call of a few rows (2…BLOCKED_ROWS) of a float32 CPU
+    weight through its blocked copy, made on first use; the same product up to float rounding
+    (the summation order differs). Anything else, and one row (transformers' own kernel), is
+    `F.linear`."""
+    rows = x.numel() // x.shape[-1]
+    if 1 < rows <= BLOCKED_ROWS and not torch.is_grad_enabled():
+        packed = _BLOCKED_WEIGHTS.get(weight, False)
+        if packed is False:
+            packed = _BLOCKED_WEIGHTS[weight] = _pack(weight)
+        if packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+            return out.view(*x.shape[:-1], out.shape[-1])
+    return F.linear(x, weight, bias)
 
 
 def _pack(weight: torch.Tensor) -> Optional[torch.Tensor]:

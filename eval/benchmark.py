@@ -5,6 +5,7 @@ where a decode's time goes (phases).
     python eval/benchmark.py decode --model tiny.en --adapter random --gammas 4 16
     python eval/benchmark.py phases --model base --adapter crosswhisper/adapters/base --gammas 0 4 8
     python eval/benchmark.py projection --model tiny.en --rows 1 2 4 8
+    python eval/benchmark.py kernels --model base --files tests/data/longform/1088-134318.flac
 
 Everything is measured in one process, systems interleaved per repetition/utterance after a
 warm-up, and reported as ratios against the baseline of the same run (DESIGN §4): absolute
@@ -272,6 +273,55 @@ def projection(args) -> dict:
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "rows": table}
 
 
+def kernels(args) -> dict:
+    """End to end (`transcribe()`, lossless, temperature 0) on long files: our own loop (γ = 0)
+    and the drafting loop at each γ of --gammas with its linear layers through MKL
+    (`F.linear`) and through oneDNN's blocked weights (`dual_stream.small_linear`, the
+    default), interleaved file by file after a warm-up; decode-phase seconds, ratios against
+    our own loop, tokens per forward, whether every system gave the same tokens."""
+    import crosswhisper
+    from crosswhisper import dual_stream
+
+    bundle = _bundle(args)
+    files = [Path(f) for f in args.files] or _audio_files(args)[:1]
+    audios = [load_audio(f) for f in files]
+    blocked_rows = dual_stream.BLOCKED_ROWS
+    systems = [("own loop (γ = 0)", 0, blocked_rows)]
+    for g in args.gammas:
+        systems += [(f"γ = {g}, linear layers on MKL", g, 1), (f"γ = {g}, blocked weights (default)", g, blocked_rows)]
+    crosswhisper.transcribe(audios[0][: 35 * 16000], model=bundle, temperature=0.0)  # warm-up
+    decode = {name: 0.0 for name, *_ in systems}
+    total, calls, tokens, same = dict(decode), {name: 0 for name in decode}, {name: 0 for name in decode}, True
+    try:
+        for _ in range(args.rounds):
+            for audio in audios:
+                reference = None
+                for name, gamma, rows in systems:
+                    dual_stream.BLOCKED_ROWS = rows
+                    t0 = _clock(args.device)
+                    result = crosswhisper.transcribe(audio, model=bundle, gamma=gamma, temperature=0.0)
+                    total[name] += _clock(args.device) - t0
+                    decode[name] += result.stats.decode_seconds
+                    calls[name] += result.stats.forward_calls
+                    tokens[name] += result.stats.generated_tokens
+                    reference = result.tokens if reference is None else reference
+                    same &= result.tokens == reference
+    finally:
+        dual_stream.BLOCKED_ROWS = blocked_rows
+    base = systems[0][0]
+    rows = [{"system": name, "decode_s": decode[name], "decode_vs_own_loop": decode[base] / decode[name],
+             "total_s": total[name], "total_vs_own_loop": total[base] / total[name],
+             "tokens_per_forward": tokens[name] / calls[name]} for name in decode]
+    print(f"\n{args.model}, {len(files)} file(s), {sum(len(a) for a in audios) / 16000:.0f} s, {args.rounds} round(s), "
+          f"torch threads {torch.get_num_threads()}; same tokens everywhere: {same}\n")
+    print("| system | decode s | decode × own loop | end to end × own loop | tokens / forward |\n|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['system']} | {row['decode_s']:.1f} | {row['decode_vs_own_loop']:.2f} | {row['total_vs_own_loop']:.2f} | "
+              f"{row['tokens_per_forward']:.2f} |")
+    return {"model": args.model, "files": [str(f) for f in files], "rounds": args.rounds, "same_tokens": same,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
 def _run_generate(bundle, hidden, prompt):
     return generate_greedy(bundle, hidden, prompt)
 
@@ -283,7 +333,7 @@ def _run_loop(bundle, hidden, prompt, adapted, options):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["call_cost", "decode", "phases", "projection"])
+    parser.add_argument("what", choices=["call_cost", "decode", "phases", "projection", "kernels"])
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--adapter", default="random", help="'random' (untrained) or a peft adapter directory")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
@@ -294,12 +344,14 @@ def main(argv=None) -> int:
     parser.add_argument("--blank-branches", action="store_true", help="decode: each γ with blank branches too")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-utterances", type=int, default=None)
+    parser.add_argument("--files", nargs="*", default=[], help="audio files (kernels; default: the first of --data)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the files (kernels)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
-        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases, "projection": projection}[args.what](args)
+        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases, "projection": projection, "kernels": kernels}[args.what](args)
     except EvalError as error:  # missing data: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.json:

@@ -177,6 +177,27 @@ def test_copies_of_an_output_layer_share_the_projection_kernel(monkeypatch):
     assert timed == [1, 7]  # timed once per row count, for the first copy
 
 
+def test_a_drafting_calls_linear_layers_compute_the_same_product():
+    """`small_linear` (a drafting call's few rows through oneDNN's blocked copy of the weight):
+    `F.linear`'s product to float rounding for every row count, bias or none; one row and many
+    rows are `F.linear` itself (the plain loop's arithmetic stays transformers', bit for bit)."""
+    from crosswhisper import dual_stream
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(1536, 384), torch.randn(1536)
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 8, dual_stream.BLOCKED_ROWS, dual_stream.BLOCKED_ROWS + 1, 200):
+            x = torch.randn(1, rows, 384)
+            for b in (bias, None):
+                expected = torch.nn.functional.linear(x, weight, b)
+                got = dual_stream.small_linear(x, weight, b)
+                assert got.shape == expected.shape
+                if rows == 1 or rows > dual_stream.BLOCKED_ROWS:
+                    assert torch.equal(got, expected)
+                else:
+                    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_fused_layers_compute_what_peft_computes(test_clean, test_clean_audio, tmp_path):
     bundle = get_bundle("tiny.en")
     hooked = new_adapter(bundle, rank=8, random_init=True, seed=2)

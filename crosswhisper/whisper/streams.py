@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..decoding import BlockOutput
-from ..dual_stream import CONTROL, PREDICTIVE, LogitsProcessor, project
+from ..dual_stream import CONTROL, PREDICTIVE, LogitsProcessor, project, small_linear
 from ..lora import LoraFactors
 
 
@@ -49,10 +49,15 @@ class _Linear:
     lora_b_t: Optional[torch.Tensor] = None  # [rank, out], LoRA scaling included
 
     def __call__(self, x: torch.Tensor, predictive: Optional[slice] = None) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        # a drafting call's few rows through the weight's blocked copy (faster on a CPU); the
+        # plain loop's one row through transformers' kernel, bit for bit
+        out = small_linear(x, self.weight, self.bias) if predictive is not None else F.linear(x, self.weight, self.bias)
         if predictive is not None and self.lora_a_t is not None:
             # the delta of the predictive tokens only: the control tokens get base(x) alone
-            out[:, predictive] += (x[:, predictive] @ self.lora_a_t) @ self.lora_b_t
+            if x.shape[0] == 1:  # one window: its predictive tokens are consecutive rows, one fused product
+                out[0, predictive].addmm_(x[0, predictive] @ self.lora_a_t, self.lora_b_t)
+            else:
+                out[:, predictive] += (x[:, predictive] @ self.lora_a_t) @ self.lora_b_t
         return out
 
 
