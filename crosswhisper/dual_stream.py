@@ -108,9 +108,10 @@ def _packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 # Rows up to which a drafting call's linear layers run on oneDNN's blocked copy of the weight
-# (2-core AMD EPYC, AVX2, tiny.en, 2026-12-02: MKL's product of 4-8 rows read fc1's 2.4 MB at
-# ~3 GB/s, slower than its one-row path; the γ = 3 call went 34.1 → 30.6 ms, eval/README.md,
-# "A cheaper drafting call"). Above it (a prompt) the product is compute-bound and MKL's.
+# (2-core AMD EPYC, AVX2, 2026-12-02: MKL's product of 4-8 rows was slower than its one-row
+# path, tiny.en's fc1 0.43 → 0.7 ms; base's γ = 3 call went 57.7 → 50.2 ms, tiny.en's 29.5 →
+# 28.3: eval/README.md, "A cheaper drafting call"). Above it (a prompt) the product is
+# compute-bound and MKL's.
 BLOCKED_ROWS = 32
 _BLOCKED_WEIGHTS = WeakTensorKeyDictionary()  # weight → its blocked copy (None: this build has none)
 
