@@ -103,8 +103,8 @@ def _w_xt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 _KERNELS = (_linear, _w_xt)
 
 
-def _packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def _packed(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 # Rows up to which a drafting call's linear layers run on oneDNN's blocked copy of the weight
@@ -127,8 +127,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         if packed is False:
             packed = _BLOCKED_WEIGHTS[weight] = _pack(weight)
         if packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return _packed(x.reshape(rows, x.shape[-1]), packed, bias).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
 
