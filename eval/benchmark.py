@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from crosswhisper.audio import load_audio
+from crosswhisper.audio import SAMPLE_RATE, load_audio
 from crosswhisper.decoding import DecodeOptions
 from crosswhisper.dual_stream import HFDualStream
 from crosswhisper.lora import load_adapter, new_adapter, save_adapter
@@ -289,7 +289,7 @@ def kernels(args) -> dict:
     systems = [("own loop (γ = 0)", 0, blocked_rows)]
     for g in args.gammas:
         systems += [(f"γ = {g}, linear layers on MKL", g, 1), (f"γ = {g}, blocked weights (default)", g, blocked_rows)]
-    crosswhisper.transcribe(audios[0][: 35 * 16000], model=bundle, temperature=0.0)  # warm-up
+    crosswhisper.transcribe(audios[0][: 35 * SAMPLE_RATE], model=bundle, temperature=0.0)  # warm-up
     decode = {name: 0.0 for name, *_ in systems}
     total, calls, tokens, same = dict(decode), {name: 0 for name in decode}, {name: 0 for name in decode}, True
     try:
@@ -312,7 +312,7 @@ def kernels(args) -> dict:
     rows = [{"system": name, "decode_s": decode[name], "decode_vs_own_loop": decode[base] / decode[name],
              "total_s": total[name], "total_vs_own_loop": total[base] / total[name],
              "tokens_per_forward": tokens[name] / calls[name]} for name in decode]
-    print(f"\n{args.model}, {len(files)} file(s), {sum(len(a) for a in audios) / 16000:.0f} s, {args.rounds} round(s), "
+    print(f"\n{args.model}, {len(files)} file(s), {sum(len(a) for a in audios) / SAMPLE_RATE:.0f} s, {args.rounds} round(s), "
           f"torch threads {torch.get_num_threads()}; same tokens everywhere: {same}\n")
     print("| system | decode s | decode × own loop | end to end × own loop | tokens / forward |\n|---|---:|---:|---:|---:|")
     for row in rows:
