@@ -178,15 +178,23 @@ def test_low_precision_compute_types_draft_losslessly(model, compute_type, test_
         transcribe(inputs[0], model=bundle, compute_type="int3")
 
 
-def test_int8_product_is_row_exact_and_close_to_float():
-    """quantized.Int8Linear: each row's output is the same whatever rows share the call (what
-    lossless drafting and batching need), and close to the float product."""
+@pytest.mark.parametrize("kernel", ["fbgemm", "_int_mm"])
+def test_int8_product_is_row_exact_and_close_to_float(kernel, monkeypatch):
+    """quantized.Int8Linear, on each of its kernels that this CPU runs: each row's output is the
+    same whatever rows share the call (what lossless drafting and batching need), and close to
+    the float product."""
+    from crosswhisper import quantized
     from crosswhisper.quantized import Int8Linear, quantize_linears
 
+    if kernel == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no fbgemm")
+    monkeypatch.setattr(quantized, "use_fbgemm", lambda: kernel == "fbgemm")
     torch.manual_seed(0)
     linear = torch.nn.Linear(384, 1536)
     int8 = Int8Linear(linear.weight, linear.bias)
+    assert (int8.fbgemm is not None) == (kernel == "fbgemm")
     x = torch.randn(2, 11, 384)
+    x[1, 4, 7] = 12.0  # an outlier in one row must not move the others' quantisation
     together = int8(x)
     alone = torch.stack([torch.cat([int8(x[b, t : t + 1]) for t in range(11)]) for b in range(2)])
     assert torch.equal(together, alone)
@@ -194,23 +202,26 @@ def test_int8_product_is_row_exact_and_close_to_float():
         exact = linear(x)
     assert (together - exact).norm() / exact.norm() < 0.02
     zeros = int8(torch.zeros(3, 384))  # an all-zero row: no division by zero
-    assert torch.equal(zeros, linear.bias.detach().expand(3, -1))
+    assert torch.allclose(zeros, linear.bias.detach().expand(3, -1), atol=1e-6)
     stack = quantize_linears(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 4))))
     assert isinstance(stack[0], Int8Linear) and isinstance(stack[1][0], Int8Linear)
 
 
 def test_int8_on_a_cpu_without_fast_int8_products_warns(monkeypatch, caplog):
-    """int8 is asked for speed; on an x86 CPU below AVX-512 (no VNNI/AMX) it runs slower than
-    float32, and the user is told so when the int8 variant is made."""
+    """int8 is asked for speed; on an x86 CPU below AVX-512 (no VNNI/AMX) whose torch has no
+    fbgemm it runs slower than float32, and the user is told so when the int8 variant is made;
+    with fbgemm (AVX2 kernels) it is fast there."""
     import logging
 
     from crosswhisper import quantized
     from crosswhisper.whisper import loading
 
     monkeypatch.setattr(quantized.platform, "machine", lambda: "x86_64")
-    for capability, slow in (("AVX2", True), ("AVX512", False)):
+    for capability, built, slow, fbgemm in (("AVX2", False, True, False), ("AVX2", True, False, True), ("AVX512", True, False, False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        assert quantized.int8_is_slow() is slow
+        monkeypatch.setattr(quantized, "_has_fbgemm", lambda b=built: b)
+        assert (quantized.int8_is_slow(), quantized.use_fbgemm()) == (slow, fbgemm), capability
+    monkeypatch.undo()
     monkeypatch.setattr(loading, "int8_is_slow", lambda: True)
     bundle = crosswhisper.whisper.get_bundle("tiny.en")
     monkeypatch.setattr(loading, "_VARIANTS", weakref.WeakKeyDictionary())  # the variant made afresh

@@ -199,7 +199,8 @@ def with_compute_type(bundle: WhisperBundle, compute_type: str) -> WhisperBundle
     if compute_type not in variants:
         if compute_type == "int8" and int8_is_slow():  # asked for speed: say it will not come
             logger.warning(
-                "compute_type='int8': this CPU (%s) has no fast int8 products (AVX-512 VNNI or AMX); "
+                "compute_type='int8': this CPU (%s) has no fast int8 products (AVX-512 VNNI or AMX) and this "
+                "torch no fbgemm; "
                 "expect it to run slower than float32", torch.backends.cpu.get_cpu_capability(),
             )
         variants[compute_type] = dataclasses.replace(bundle, compute_type=compute_type)
