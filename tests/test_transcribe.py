@@ -159,7 +159,12 @@ def test_low_precision_compute_types_draft_losslessly(model, compute_type, test_
     assert with_compute_type(bundle, compute_type) is low and with_compute_type(low, "float32") is bundle
     features = torch.randn(1, bundle.model.config.num_mel_bins, 3000)
     float_states, low_states = run_encoder(bundle, features), run_encoder(low, features)
-    assert not torch.equal(low_states, float_states)  # the low-precision encoder runs
+    from crosswhisper.quantized import use_fbgemm
+
+    if compute_type == "int8" and use_fbgemm():  # below AVX-512 int8 is the vocabulary projection's alone
+        assert torch.equal(low_states, float_states)
+    else:
+        assert not torch.equal(low_states, float_states)  # the low-precision encoder runs
     assert torch.nn.functional.cosine_similarity(low_states.flatten(), float_states.flatten(), dim=0) > 0.98
 
     audio, _ = longform

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..lora import LoraRecipe
-from ..quantized import int8_is_slow, quantize_linears
+from ..quantized import int8_is_slow, quantize_linears, use_fbgemm
 from . import ct2
 from . import model as lean
 from .cache import cache_dir, load_cache_entry, publish_dir, sha256_file, write_cache_entry
@@ -81,7 +81,10 @@ class ModelNotAvailableError(OSError):
 # decoder's body stays float32: its attention is not row-exact in float (a matrix product's
 # last bits change with the number of query rows), and quantising its output per row turns
 # those last bits into whole int8 steps: drafted tokens then differed from greedy ones (1 of
-# ~430 on a 103 s file); its small layers were also slower in int8 here (eval/README.md)
+# ~430 on a 103 s file); its small layers were also slower in int8 here (eval/README.md). On
+# x86 CPUs below AVX-512 (fbgemm's int8 kernels) the encoder stays float32 too: its int8
+# product with 7-bit activations was no faster there (2-core AVX2 EPYC, 30 s window: tiny.en
+# 0.41 s either way, base 0.94 s) and less precise; the projection gains 5× (eval/README.md)
 COMPUTE_TYPES = ("float32", "bfloat16", "int8")
 
 
@@ -214,7 +217,7 @@ def run_encoder(bundle: WhisperBundle, features: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         if bundle.compute_type == "bfloat16" and encoder.conv1.weight.dtype != torch.bfloat16:
             return _encoder_copy(encoder, "bfloat16")(features.to(torch.bfloat16)).float()
-        if bundle.compute_type == "int8":
+        if bundle.compute_type == "int8" and not use_fbgemm():
             return _encoder_copy(encoder, "int8")(features.float())
         return encoder(features.to(bundle.weights.dtype))
 
