@@ -90,11 +90,13 @@ class _FbgemmProduct:
     parameters are then the same in every call, integer sums are exact, and the affine map is
     undone per row and per output element (x·Wᵀ = half · x′·Wᵀ + mid · W·1) with separate,
     exactly rounded multiplications and additions. `reduce_range`: 7-bit activations, as fbgemm
-    needs on AVX2 (its 16-bit pair sums would saturate with 8 bits). A row's quantisation step is
-    (max − min) / 127: about 1.4× the error of `_int_mm`'s symmetric 8-bit rows on the same
-    weights (relative error of tiny.en-sized products 0.017 vs 0.012), for a product 5× faster
-    than the float32 one on a 2-core AVX2 EPYC (tiny.en's vocabulary projection, one row:
-    1.4 vs 6.6 ms; eval/README.md)."""
+    needs on AVX2 (its 16-bit pair sums would saturate with 8 bits): relative error of tiny.en-sized
+    products 0.015 against 0.009 for `_int_mm`'s symmetric 8-bit rows, for a product 2–5× faster
+    than float32's on a 2-core AVX2 EPYC (tiny.en's vocabulary projection, 1 row: 1.4 ms against
+    6.6 for float32's fastest kernel; eval/README.md). Two passes (x′'s 7 bits, then the 7-bit
+    remainder, ~14 bits) brought the error to the weight's alone (0.004) for twice the time, and
+    changed neither WER nor, much, tokens per forward on a held-out long file (tiny.en: 1.68 →
+    1.72, float32 1.83): what int8 costs the drafts is the weight's rounding."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         previous = torch.backends.quantized.engine
@@ -116,8 +118,18 @@ class _FbgemmProduct:
         mid = (high + low) * 0.5
         half = ((high - low) * 0.5).clamp_min_(_EPS)
         unit = ((x - mid) / half).clamp_(-1.0, 1.0)
-        out = torch.ops.quantized.linear_dynamic(torch.cat([unit, self.anchor]), self.packed, True)[:-1]
+        # x′ rounded to fbgemm's grid (7-bit steps of 2/127 over [−1, 1]) before the call, so that
+        # fbgemm's own rounding has nothing to decide: on values between grid points its vector
+        # and scalar paths (split where its threads' chunks end, which moves with the row count)
+        # may round a near-tie differently, and a row would depend on the call after all
+        out = torch.ops.quantized.linear_dynamic(torch.cat([_on_grid(unit), self.anchor]), self.packed, True)[:-1]
         return out.mul_(half).add_(mid * self.weight_sums)
+
+
+def _on_grid(unit: torch.Tensor) -> torch.Tensor:
+    """Values in [−1, 1] → the nearest of k · 2/127, k = −63 … 63: points of the 7-bit grid
+    that fbgemm derives from the anchor row's −1 and 1 (zero point 64, k = −64 … 63)."""
+    return torch.round(unit * 63.5).clamp_(-63.0, 63.0).div_(63.5)
 
 
 def use_fbgemm() -> bool:
