@@ -91,9 +91,9 @@ class _FbgemmProduct:
     undone per row and per output element (x·Wᵀ = half · x′·Wᵀ + mid · W·1) with separate,
     exactly rounded multiplications and additions. `reduce_range`: 7-bit activations, as fbgemm
     needs on AVX2 (its 16-bit pair sums would saturate with 8 bits): relative error of tiny.en-sized
-    products 0.015 against 0.009 for `_int_mm`'s symmetric 8-bit rows, for a product 2–5× faster
-    than float32's on a 2-core AVX2 EPYC (tiny.en's vocabulary projection, 1 row: 1.4 ms against
-    6.6 for float32's fastest kernel; eval/README.md). Two passes (x′'s 7 bits, then the 7-bit
+    products 0.015 against 0.009 for `_int_mm`'s symmetric 8-bit rows, for a vocabulary projection
+    ~3× faster than float32's fastest kernel on a 2-core AVX2 EPYC (tiny.en, 1 / 8 rows: 2.7 / 4.2
+    ms against 7.4 / 15.0; `_int_mm` 14.4 / 111; eval/README.md). Two passes (x′'s 7 bits, then the 7-bit
     remainder, ~14 bits) brought the error to the weight's alone (0.004) for twice the time, and
     changed neither WER nor, much, tokens per forward on a held-out long file (tiny.en: 1.68 →
     1.72, float32 1.83): what int8 costs the drafts is the weight's rounding."""
@@ -119,9 +119,9 @@ class _FbgemmProduct:
         half = ((high - low) * 0.5).clamp_min_(_EPS)
         unit = ((x - mid) / half).clamp_(-1.0, 1.0)
         # x′ rounded to fbgemm's grid (7-bit steps of 2/127 over [−1, 1]) before the call, so that
-        # fbgemm's own rounding has nothing to decide: on values between grid points its vector
-        # and scalar paths (split where its threads' chunks end, which moves with the row count)
-        # may round a near-tie differently, and a row would depend on the call after all
+        # fbgemm's own rounding has nothing to decide: without it a row sometimes depended on
+        # the call (random data, 2 of 4 shapes in one run), most likely near-ties rounded by its
+        # vector or its scalar path, split where its threads' chunks end
         out = torch.ops.quantized.linear_dynamic(torch.cat([_on_grid(unit), self.anchor]), self.packed, True)[:-1]
         return out.mul_(half).add_(mid * self.weight_sums)
 

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -252,6 +253,14 @@ def projection(args) -> dict:
     kernels = {"x@Wᵀ (F.linear)": lambda x: F.linear(x, weight), "W@xᵀ": lambda x: dual_stream._w_xt(x, weight)}
     if packed is not None:
         kernels["oneDNN blocked copy"] = lambda x: dual_stream._packed(x, packed)
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:  # the int8 compute type's products
+        from crosswhisper import quantized
+
+        on_fbgemm = quantized.Int8Linear(weight)
+        if on_fbgemm.fbgemm is not None:
+            kernels["int8 fbgemm"] = on_fbgemm
+        with mock.patch.object(quantized, "use_fbgemm", lambda: False):
+            kernels["int8 _int_mm"] = quantized.Int8Linear(weight)
     torch.manual_seed(0)
     inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device) for rows in args.rows}
     times = {(rows, name): [] for rows in args.rows for name in kernels}

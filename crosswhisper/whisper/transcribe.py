@@ -64,7 +64,8 @@ class TranscribeOptions(LongFormOptions):
     compute_type: str = field(default="float32", metadata={
         "help": "float32 (default); bfloat16: encoder and vocabulary projection in bfloat16 "
                 "(fast on CPUs with AMX/AVX-512-BF16), the rest float32; int8: the encoder's linear "
-                "layers and the vocabulary projection with int8 weights and activations", "choices": COMPUTE_TYPES})
+                "layers and the vocabulary projection with int8 weights and activations (on CPUs below "
+                "AVX-512: the vocabulary projection only, through fbgemm)", "choices": COMPUTE_TYPES})
     # seeds the sampler of the fallback temperatures (> 0) for reproducible output
     seed: Optional[int] = field(default=None, metadata={"help": "seed for sampling (temperatures > 0)"})
 
