@@ -1,6 +1,8 @@
 """Cross-regressive decoding of real Whisper models on real audio, and of a tiny random Whisper
 whose sequence distribution can be enumerated."""
 
+import json
+
 import pytest
 import torch
 from sampling_check import LENGTH, START, assert_samples_follow, sequence_probabilities, teacher_forcing_inputs
@@ -155,15 +157,19 @@ def test_transcribe_with_adapter_directory(tmp_path, test_clean):
     assert fast.stats.tokens_per_forward >= 1.0
 
 
-def test_copies_of_an_output_layer_share_the_projection_kernel(monkeypatch):
+def test_copies_of_an_output_layer_share_the_projection_kernel(monkeypatch, tmp_path):
     """The vocabulary projection's kernel is timed per row count (`dual_stream._Projection`). Two
     copies of one layer (a merged and a peft-wrapped model) must share that choice, else timing
     noise gives them different kernels and logits that differ in the last bits (what failed CI
-    on an AVX2 EPYC, 2026-12-01, in the test below)."""
+    on an AVX2 EPYC, 2026-12-01, in the test below). The choice is remembered on disk: a new
+    process (here: the in-process choices forgotten) takes it without timing again, and an
+    unreadable memo means timing again."""
     from torch import nn
 
     from crosswhisper import dual_stream
 
+    monkeypatch.setenv("CROSSWHISPER_CACHE", str(tmp_path))
+    monkeypatch.setattr(dual_stream, "_CHOSEN_KERNELS", {})
     timed = []
     fastest = dual_stream._Projection._fastest
     monkeypatch.setattr(dual_stream._Projection, "_fastest", lambda self, x: timed.append(x.shape[0]) or fastest(self, x))
@@ -175,6 +181,22 @@ def test_copies_of_an_output_layer_share_the_projection_kernel(monkeypatch):
         for rows in (1, 7):
             assert torch.equal(dual_stream.project(hidden[:, :rows], head), dual_stream.project(hidden[:, :rows], copy))
     assert timed == [1, 7]  # timed once per row count, for the first copy
+    chosen = dict(dual_stream._CHOSEN_KERNELS)
+    assert len(json.loads((tmp_path / dual_stream._KERNEL_MEMO).read_text())) == 2
+
+    monkeypatch.setattr(dual_stream, "_CHOSEN_KERNELS", {})  # a new process
+    again = nn.Linear(96, 5003, bias=False)
+    with torch.inference_mode():
+        again.weight.copy_(head.weight)
+        for rows in (1, 7):
+            assert torch.equal(dual_stream.project(hidden[:, :rows], again), dual_stream.project(hidden[:, :rows], head))
+    assert timed == [1, 7] and dual_stream._CHOSEN_KERNELS == chosen  # nothing timed, the same kernels
+
+    (tmp_path / dual_stream._KERNEL_MEMO).write_text("{not json")
+    monkeypatch.setattr(dual_stream, "_CHOSEN_KERNELS", {})
+    with torch.inference_mode():
+        dual_stream.project(hidden[:, :1], nn.Linear(96, 5003, bias=False))
+    assert timed == [1, 7, 1]
 
 
 def test_a_drafting_calls_linear_layers_compute_the_same_product():

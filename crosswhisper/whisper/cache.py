@@ -1,4 +1,4 @@
-"""The on-disk cache of converted models: where it is, content hashes, atomic publication.
+"""The on-disk cache of converted models (in `disk_memo.cache_dir()`): content hashes, atomic publication.
 
 Converted models are cached (keyed by the sha256 of model.bin) so that only the first load pays
 for the conversion; every entry carries a manifest of its files' sizes and hashes, written last,
@@ -18,20 +18,11 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..disk_memo import cache_dir, read_memo, remember  # noqa: F401 (cache_dir: imported from here by loading and recipes)
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "crosswhisper-manifest.json"
-
-
-def cache_dir() -> Path:
-    """Where crosswhisper keeps converted models: $CROSSWHISPER_CACHE, else
-    $XDG_CACHE_HOME/crosswhisper, else ~/.cache/crosswhisper."""
-    if os.environ.get("CROSSWHISPER_CACHE"):
-        return Path(os.environ["CROSSWHISPER_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "crosswhisper"
-    return Path.home() / ".cache" / "crosswhisper"
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,39 +42,16 @@ def sha256_file(path: Path) -> str:
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
     digest = _SHA_MEMO.get(key)
     if digest is None:
-        digest = _disk_memo().get(key)
+        digest = read_memo(_SHA_MEMO_FILE).get(key)
     if digest is None:
         hasher = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 hasher.update(block)
         digest = hasher.hexdigest()
-        _remember_on_disk(key, digest)
+        remember(_SHA_MEMO_FILE, key, digest, limit=_SHA_MEMO_LIMIT)
     _SHA_MEMO[key] = digest
     return digest
-
-
-def _disk_memo() -> dict[str, str]:
-    try:
-        memo = json.loads((cache_dir() / _SHA_MEMO_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) else {}
-
-
-def _remember_on_disk(key: str, digest: str) -> None:
-    memo = _disk_memo()
-    memo.pop(key, None)
-    memo[key] = digest
-    memo = dict(list(memo.items())[-_SHA_MEMO_LIMIT:])
-    target = cache_dir() / _SHA_MEMO_FILE
-    try:  # written whole then renamed: a reader never sees half a file
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{_SHA_MEMO_FILE}-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(memo), encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as error:  # a read-only cache: hashes are then computed in every process
-        logger.debug("could not remember a hash in %s: %s", target, error)
 
 
 def publish_dir(tmp: Path, target: Path, *, is_valid: Callable[[], bool]) -> None:
