@@ -47,8 +47,11 @@ class Int8Linear(nn.Module):
         super().__init__()
         # a row of the weight = an output channel; in slices: a vocabulary projection's float
         # temporaries would otherwise add hundreds of MB to the process's peak
-        parts = [quantize_rows(rows) for rows in weight.detach().split(4096)]
-        q, scale = torch.cat([q for q, _ in parts]), torch.cat([scale for _, scale in parts])
+        weight = weight.detach()
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
+        for start in range(0, weight.shape[0], 4096):
+            q[start : start + 4096], scale[start : start + 4096] = quantize_rows(weight[start : start + 4096])
         self.out_features, self.in_features = q.shape
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
         self.fbgemm = None
@@ -109,7 +112,8 @@ class _FbgemmProduct:
             self.packed = torch.ops.quantized.linear_prepack(weight, None)
         finally:
             torch.backends.quantized.engine = previous
-        self.weight_sums = (q.float() * scale).sum(dim=1)  # W·1 of the int8 weight, [out]
+        # W·1 of the int8 weight, [out]: integer row sums (exact in float32) times the scales
+        self.weight_sums = q.sum(dim=1, dtype=torch.float32).mul_(scale.view(-1))
         self.anchor = torch.zeros(1, q.shape[1])
         self.anchor[0, 0], self.anchor[0, 1] = -1.0, 1.0
 
