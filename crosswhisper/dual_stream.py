@@ -172,11 +172,15 @@ class _Projection:
             key = (tuple(self.weight.shape), self.weight.dtype, x.device.type, rows)
             kernel = _CHOSEN_KERNELS.get(key)
             if kernel is None:
-                kernel = _CHOSEN_KERNELS[key] = _remembered_kernel(key) or self._fastest(x)
-            if kernel is _packed and self.packed is None:
-                self.packed = _pack(self.weight)
-                if self.packed is None:  # remembered, but this weight has no blocked copy here
-                    kernel = _CHOSEN_KERNELS[key] = self._fastest(x)
+                kernel = _remembered_kernel(key)
+                if kernel is _packed and self.packed is None:
+                    self.packed = _pack(self.weight)
+                    if self.packed is None:  # remembered, but this weight has no blocked copy here
+                        kernel = None
+                if kernel is None:
+                    kernel = self._fastest(x)
+                    _remember_kernel(key, kernel)
+                _CHOSEN_KERNELS[key] = kernel
             self.kernel[rows] = kernel
             if _packed in self.kernel.values():
                 if self.packed is None:
@@ -203,8 +207,6 @@ class _Projection:
                 times[kernel].append(time.perf_counter() - t0)
         best = min(runs, key=lambda k: statistics.median(times[k][1:]))
         logger.debug("vocabulary projection of %d rows: %s", x.shape[0], best.__name__)
-        key = (tuple(self.weight.shape), self.weight.dtype, x.device.type, x.shape[0])
-        remember(_KERNEL_MEMO, _machine_key(key), best.__name__, limit=_KERNEL_MEMO_LIMIT)
         return best
 
 
@@ -231,14 +233,16 @@ def _cpu_name() -> str:
 
 
 def _remembered_kernel(key: tuple) -> Optional[Callable]:
-    """The kernel remembered for `key` on this machine (None: time them)."""
+    """The CPU kernel remembered for `key` on this machine (None: time them)."""
     if key[2] != "cpu":
         return None
     name = read_memo(_KERNEL_MEMO).get(_machine_key(key))
-    kernel = {k.__name__: k for k in (*_KERNELS, _packed)}.get(name)
-    if kernel is _packed and not torch.backends.mkldnn.is_available():
-        return None
-    return kernel
+    return {kernel.__name__: kernel for kernel in (*_KERNELS, _packed)}.get(name)
+
+
+def _remember_kernel(key: tuple, kernel: Callable) -> None:
+    if key[2] == "cpu":
+        remember(_KERNEL_MEMO, _machine_key(key), kernel.__name__, limit=_KERNEL_MEMO_LIMIT)
 
 
 # (weight shape, dtype, device type, rows) -> the kernel timed fastest for it in this process
