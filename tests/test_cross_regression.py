@@ -9,7 +9,7 @@ from sampling_check import LENGTH, START, assert_samples_follow, sequence_probab
 
 from crosswhisper import transcribe
 from crosswhisper.decoding import DecodeOptions, decode
-from crosswhisper.dual_stream import HFDualStream
+from crosswhisper.dual_stream import ExactArgmax, HFDualStream
 from crosswhisper.metrics import word_error_rate
 from crosswhisper.lora import load_adapter, new_adapter, save_adapter, shipped_adapter
 from crosswhisper.whisper import decode_window, decoder_prompt, encode, generate_greedy, get_bundle
@@ -422,3 +422,48 @@ def test_adapter_found_by_weights_not_by_name(tmp_path):
     by_directory = get_bundle(str(bundled_model_dir("tiny.en")))  # same weights, loaded by path
     assert shipped_adapter_for(by_directory) == shipped_adapter("tiny.en")
     assert shipped_adapter_for(get_bundle("base")) == shipped_adapter("base")
+
+
+def test_the_screened_projection_keeps_the_processed_argmax(test_clean_audio):
+    """The fp16 screen (`dual_stream._Screen`) on real decoder states: every processed argmax,
+    with and without the timestamp rules and with the best word suppressed, equals the float32
+    projection's; the exact ids are float32 products and the rest within the proven bound."""
+    from crosswhisper.dual_stream import _make_screen
+    from crosswhisper.whisper.decode import exact_argmax, logits_processor
+
+    bundle = get_bundle("tiny.en")
+    weight = bundle.weights.proj_out.weight.detach()
+    screen = _make_screen(weight)
+    if screen is None:
+        pytest.skip("this torch build has no fbgemm fp16 product")
+    hidden = encode(bundle, next(iter(test_clean_audio.values())))
+    prompt = decoder_prompt(bundle, "en", timestamps=True)
+    streams = WhisperStreams(bundle.weights.decoder, bundle.weights.proj_out, hidden, process_logits=None,
+                             drafting=False, max_length=448)
+    tokens = prompt + decode_window(bundle, hidden, prompt, adapted=None, options=DecodeOptions(gamma=0)).tokens
+    states = []
+    streams._run = (lambda run: lambda *a, **k: states.append(run(*a, **k)) or states[-1])(streams._run)
+    streams.teacher_force(tokens, capture={})
+    rows = states[-1][0, len(prompt) - 1 : -1]  # the states that predicted every generated token
+    exact = exact_argmax(bundle)
+    screened, full = screen(rows, exact), rows @ weight.t()
+    assert torch.allclose(screened[:, exact.exact_from :], full[:, exact.exact_from :], atol=1e-4)
+    bound = rows.norm(dim=1, keepdim=True) * screen.error
+    assert ((screened - full).abs() <= bound).all()
+    index = torch.arange(len(prompt), len(tokens))
+    sequence = torch.tensor(tokens)
+    for timestamps in (True, False):
+        process = logits_processor(bundle, len(prompt), timestamps=timestamps)
+        a = process(screened.clone()[None], index, sequence)[0].argmax(-1)
+        b = process(full.clone()[None], index, sequence)[0].argmax(-1)
+        assert torch.equal(a, b)
+    # the best word suppressed: the next best is found and exact
+    words = full[:, : exact.exact_from]
+    best = words.argmax(-1)
+    suppressed = ExactArgmax(exact.exact_from, torch.unique(torch.cat([exact.not_max, best])))
+    again = screen(rows, suppressed)
+    masked = again.clone()
+    masked[:, suppressed.not_max] = -float("inf")
+    expected = full.clone()
+    expected[:, suppressed.not_max] = -float("inf")
+    assert torch.equal(masked[:, : exact.exact_from].argmax(-1), expected[:, : exact.exact_from].argmax(-1))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..decoding import DecodeOptions, DecodeResult
-from ..dual_stream import HFDualStream
+from ..dual_stream import ExactArgmax, HFDualStream
 from ..engine import ForwardCounter, decode_prompts, reference_generation_config
 from ..lora import AdaptedModel
 from .loading import WhisperBundle, run_encoder
@@ -184,6 +184,20 @@ def logits_processor(bundle: WhisperBundle, prompt_length: int, *, timestamps: b
     return process
 
 
+def exact_argmax(bundle: WhisperBundle) -> ExactArgmax:
+    """What `logits_processor` reads exactly: end-of-text, the special tokens and the timestamps
+    (the rules mask the words below end-of-text as a whole, and compare the timestamps' total
+    probability with the best token before them), and the best word left after suppression (the
+    suppressed and begin-suppressed words leave the screen's threshold)."""
+    config = bundle.settings
+    eot = special_id(bundle, "<|endoftext|>")
+    masked = set(config.suppress_tokens or []) | set(config.begin_suppress_tokens or [])
+    return ExactArgmax(
+        exact_from=eot,
+        not_max=torch.tensor(sorted(i for i in masked if i < eot), dtype=torch.long, device=bundle.weights.device),
+    )
+
+
 def dual_streams(
     bundle: WhisperBundle,
     encoder_hidden_states: torch.Tensor,
@@ -214,7 +228,7 @@ def dual_streams(
         return WhisperStreams(
             decoder, whisper.proj_out, encoder_hidden_states, process_logits=process if len(process) > 1 else process[0],
             drafting=drafting, max_length=max_length, observe_index=observe_index, head_dtype=bundle.head_dtype,
-            lora=lora,
+            lora=lora, exact=exact_argmax(bundle),
         )
     if lora is not None:  # blank branches run through peft's model
         whisper = adapted.peft_model.base_model.model

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..decoding import BlockOutput
-from ..dual_stream import CONTROL, PREDICTIVE, LogitsProcessor, project, small_linear
+from ..dual_stream import CONTROL, PREDICTIVE, ExactArgmax, LogitsProcessor, project, small_linear
 from ..lora import LoraFactors
 
 
@@ -196,6 +196,8 @@ class WhisperStreams:
     encoder_hidden_states: [B, 1500, d_model], one window per row
     process_logits: as `HFDualStream`'s; or one per row (prompts of different lengths)
     max_length, head_dtype: as `HFDualStream`'s
+    exact: what the logits processing reads (`dual_stream.ExactArgmax`): the block's logits may
+        then come from the screened projection (the processed argmax stays the float32 one)
     observe_index: as `HFDualStream`'s; or one per row (`observed[row]`)
     drafting: run the predictive stream too (γ ≥ 1 needs it)
 
@@ -217,9 +219,11 @@ class WhisperStreams:
         observe_index: Union[None, int, Sequence[Optional[int]]] = None,
         head_dtype: Optional[torch.dtype] = None,
         lora: Optional[LoraFactors] = None,
+        exact: Optional[ExactArgmax] = None,
     ):
         self.weights = _decoder(decoder, lora)
         self.head_dtype = head_dtype
+        self.exact = exact
         if drafting and not any(layer.q.lora_a_t is not None for layer in self.weights.layers):
             raise ValueError("drafting needs a decoder with an adapter (LoRA layers)")
         batch = encoder_hidden_states.shape[0]
@@ -375,7 +379,8 @@ class WhisperStreams:
         rows = hidden[:, r - 1 : L]
         if P:
             rows = torch.stack([rows, hidden[:, L:]], dim=1).flatten(0, 1)  # [2B, γ+1, d]: CONTROL, PREDICTIVE
-        logits = project(rows, self.lm_head, self.head_dtype).unflatten(0, (B, -1))  # [B, streams, γ+1, V]
+        # [B, streams, γ+1, V]; screened where that is faster: exact wherever processing and argmax look
+        logits = project(rows, self.lm_head, self.head_dtype, exact=self.exact).unflatten(0, (B, -1))
         self._block_tokens, sequences, first = [], [], []
         for row in range(B):
             length, pad, index = self._lengths[row], self._pad[row], self._ids[row]
