@@ -235,7 +235,11 @@ class _Projection:
                 times[name].append(time.perf_counter() - t0)
         pays = statistics.median(times["screen"][1:]) < statistics.median(times["full"][1:])
         logger.debug("vocabulary projection of %d rows: screened %s", x.shape[0], pays)
-        if not pays and not any(self.screen_rows.values()):
+        if pays:  # the full product of this row count was run only to time it
+            self.kernel.pop(x.shape[0], None)
+            if _packed not in self.kernel.values():
+                self.packed = None
+        elif not any(self.screen_rows.values()):
             self.screen = None  # nobody runs on it: its packed copy is freed
         return pays
 
@@ -343,8 +347,12 @@ class _Screen:
         self.weight = weight
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
         d = weight.shape[1]
-        rounding = (weight - weight.half().float()).norm(dim=1)
-        self.error = float((rounding + 4 * d * 2.0**-24 * weight.norm(dim=1)).max())
+        # in slices: a float16 copy of the whole matrix and its difference would add ~200 MB
+        # to the peak resident memory of a short command-line run
+        self.error = max(
+            float((((part - part.half().float()).norm(dim=1)) + 4 * d * 2.0**-24 * part.norm(dim=1)).max())
+            for part in weight.split(4096)
+        )
         self.tails: dict[int, torch.Tensor] = {}  # exact_from → the weight's rows from there on
 
     def __call__(self, x: torch.Tensor, exact: ExactArgmax) -> torch.Tensor:

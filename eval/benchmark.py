@@ -6,6 +6,7 @@ where a decode's time goes (phases).
     python eval/benchmark.py phases --model base --adapter crosswhisper/adapters/base --gammas 0 4 8
     python eval/benchmark.py projection --model tiny.en --rows 1 2 4 8
     python eval/benchmark.py kernels --model base --files tests/data/longform/1088-134318.flac
+    python eval/benchmark.py screen --model tiny.en --files tests/data/longform/1088-134318.flac --gammas 3
 
 Everything is measured in one process, systems interleaved per repetition/utterance after a
 warm-up, and reported as ratios against the baseline of the same run (DESIGN §4): absolute
@@ -15,6 +16,7 @@ times on a shared CPU are noise, ratios from one run are the figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -261,6 +263,12 @@ def projection(args) -> dict:
             kernels["int8 fbgemm"] = on_fbgemm
         with mock.patch.object(quantized, "use_fbgemm", lambda: False):
             kernels["int8 _int_mm"] = quantized.Int8Linear(weight)
+        screened = dual_stream._make_screen(weight)  # the float32 type's screened projection
+        if screened is not None:
+            from crosswhisper.whisper.decode import exact_argmax
+
+            exact = exact_argmax(bundle)
+            kernels["float32 screened (fp16 + exact)"] = lambda x: screened(x, exact)
     torch.manual_seed(0)
     inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device) for rows in args.rows}
     times = {(rows, name): [] for rows in args.rows for name in kernels}
@@ -288,44 +296,67 @@ def kernels(args) -> dict:
     (`F.linear`) and through oneDNN's blocked weights (`dual_stream.small_linear`, the
     default), interleaved file by file after a warm-up; decode-phase seconds, ratios against
     our own loop, tokens per forward, whether every system gave the same tokens."""
-    import crosswhisper
     from crosswhisper import dual_stream
+
+    blocked_rows = dual_stream.BLOCKED_ROWS
+
+    def rows(count):
+        return mock.patch.object(dual_stream, "BLOCKED_ROWS", count)
+
+    systems = [("own loop (γ = 0)", 0, rows(blocked_rows))]
+    for g in args.gammas:
+        systems += [(f"γ = {g}, linear layers on MKL", g, rows(1)), (f"γ = {g}, blocked weights (default)", g, rows(blocked_rows))]
+    return _interleaved(args, systems)
+
+
+def screen(args) -> dict:
+    """`kernels`' comparison for the vocabulary projection: screened through float16 where that
+    was timed faster (`dual_stream._Screen`, the default) or the float32 product throughout, for
+    our own loop (γ = 0) and each γ of --gammas."""
+    from crosswhisper.whisper import decode
+
+    def full():  # no ids named exact: `project` runs the float32 product
+        return mock.patch.object(decode, "exact_argmax", lambda bundle: None)
+
+    systems = [("own loop (γ = 0), float32 projection", 0, full()), ("own loop (γ = 0), screened (default)", 0, contextlib.nullcontext())]
+    for g in args.gammas:
+        systems += [(f"γ = {g}, float32 projection", g, full()), (f"γ = {g}, screened (default)", g, contextlib.nullcontext())]
+    return _interleaved(args, systems)
+
+
+def _interleaved(args, systems) -> dict:
+    """`transcribe()` per system (name, γ, a context manager that sets it up), interleaved file by
+    file and round by round after a warm-up; the first system is the baseline."""
+    import crosswhisper
 
     bundle = _bundle(args)
     files = [Path(f) for f in args.files] or _audio_files(args)[:1]
     audios = [load_audio(f) for f in files]
-    blocked_rows = dual_stream.BLOCKED_ROWS
-    systems = [("own loop (γ = 0)", 0, blocked_rows)]
-    for g in args.gammas:
-        systems += [(f"γ = {g}, linear layers on MKL", g, 1), (f"γ = {g}, blocked weights (default)", g, blocked_rows)]
     crosswhisper.transcribe(audios[0][: 35 * SAMPLE_RATE], model=bundle, temperature=0.0)  # warm-up
     decode = {name: 0.0 for name, *_ in systems}
     total, calls, tokens, same = dict(decode), {name: 0 for name in decode}, {name: 0 for name in decode}, True
-    try:
-        for _ in range(args.rounds):
-            for audio in audios:
-                reference = None
-                for name, gamma, rows in systems:
-                    dual_stream.BLOCKED_ROWS = rows
+    for _ in range(args.rounds):
+        for audio in audios:
+            reference = None
+            for name, gamma, setting in systems:
+                with setting:
                     t0 = _clock(args.device)
                     result = crosswhisper.transcribe(audio, model=bundle, gamma=gamma, temperature=0.0)
                     total[name] += _clock(args.device) - t0
-                    decode[name] += result.stats.decode_seconds
-                    calls[name] += result.stats.forward_calls
-                    tokens[name] += result.stats.generated_tokens
-                    reference = result.tokens if reference is None else reference
-                    same &= result.tokens == reference
-    finally:
-        dual_stream.BLOCKED_ROWS = blocked_rows
+                decode[name] += result.stats.decode_seconds
+                calls[name] += result.stats.forward_calls
+                tokens[name] += result.stats.generated_tokens
+                reference = result.tokens if reference is None else reference
+                same &= result.tokens == reference
     base = systems[0][0]
-    rows = [{"system": name, "decode_s": decode[name], "decode_vs_own_loop": decode[base] / decode[name],
-             "total_s": total[name], "total_vs_own_loop": total[base] / total[name],
+    rows = [{"system": name, "decode_s": decode[name], "decode_vs_baseline": decode[base] / decode[name],
+             "total_s": total[name], "total_vs_baseline": total[base] / total[name],
              "tokens_per_forward": tokens[name] / calls[name]} for name in decode]
     print(f"\n{args.model}, {len(files)} file(s), {sum(len(a) for a in audios) / SAMPLE_RATE:.0f} s, {args.rounds} round(s), "
           f"torch threads {torch.get_num_threads()}; same tokens everywhere: {same}\n")
-    print("| system | decode s | decode × own loop | end to end × own loop | tokens / forward |\n|---|---:|---:|---:|---:|")
+    print("| system | decode s | decode × first row | end to end × first row | tokens / forward |\n|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['system']} | {row['decode_s']:.1f} | {row['decode_vs_own_loop']:.2f} | {row['total_vs_own_loop']:.2f} | "
+        print(f"| {row['system']} | {row['decode_s']:.1f} | {row['decode_vs_baseline']:.2f} | {row['total_vs_baseline']:.2f} | "
               f"{row['tokens_per_forward']:.2f} |")
     return {"model": args.model, "files": [str(f) for f in files], "rounds": args.rounds, "same_tokens": same,
             "threads": torch.get_num_threads(), "rows": rows}
@@ -342,7 +373,7 @@ def _run_loop(bundle, hidden, prompt, adapted, options):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["call_cost", "decode", "phases", "projection", "kernels"])
+    parser.add_argument("what", choices=["call_cost", "decode", "phases", "projection", "kernels", "screen"])
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--adapter", default="random", help="'random' (untrained) or a peft adapter directory")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a LibriSpeech subset directory")
@@ -353,14 +384,15 @@ def main(argv=None) -> int:
     parser.add_argument("--blank-branches", action="store_true", help="decode: each γ with blank branches too")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-utterances", type=int, default=None)
-    parser.add_argument("--files", nargs="*", default=[], help="audio files (kernels; default: the first of --data)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over the files (kernels)")
+    parser.add_argument("--files", nargs="*", default=[], help="audio files (kernels, screen; default: the first of --data)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the files (kernels, screen)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
-        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases, "projection": projection, "kernels": kernels}[args.what](args)
+        result = {"call_cost": call_cost, "decode": decode_speed, "phases": phases, "projection": projection, "kernels": kernels,
+                  "screen": screen}[args.what](args)
     except EvalError as error:  # missing data: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.json:

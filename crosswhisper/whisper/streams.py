@@ -387,7 +387,9 @@ class WhisperStreams:
             observe = self._observe[index]
             if observe is not None and length <= observe < length + r - pad:
                 at = pad + observe - length
-                self.observed[index] = project(hidden[row : row + 1, at : at + 1], self.lm_head, self.head_dtype)[0, 0]
+                # (screened too: <|nospeech|> is one of the exact ids, the normalizer within ~1e-5)
+                self.observed[index] = project(hidden[row : row + 1, at : at + 1], self.lm_head, self.head_dtype,
+                                               exact=self.exact)[0, 0]
             self._block_tokens.append(block[row, pad:])
             sequences.append(torch.cat([self._tokens[row], self._block_tokens[row]]))
             first.append(length + r - pad)
