@@ -176,14 +176,14 @@ class _Projection:
             key = (tuple(self.weight.shape), self.weight.dtype, x.device.type, rows)
             kernel = _CHOSEN_KERNELS.get(key)
             if kernel is None:
-                kernel = _remembered_kernel(key)
+                kernel = _remembered(key, _KERNEL_CHOICES)
                 if kernel is _packed and self.packed is None:
                     self.packed = _pack(self.weight)
                     if self.packed is None:  # remembered, but this weight has no blocked copy here
                         kernel = None
                 if kernel is None:
                     kernel = self._fastest(x)
-                    _remember_kernel(key, kernel)
+                    _remember(key, kernel.__name__)
                 _CHOSEN_KERNELS[key] = kernel
             self.kernel[rows] = kernel
             if _packed in self.kernel.values():
@@ -204,10 +204,10 @@ class _Projection:
             key = (tuple(self.weight.shape), self.weight.dtype, x.device.type, rows, "screen")
             use = _CHOSEN_KERNELS.get(key)
             if use is None:
-                remembered = _remembered_screen(key)
+                remembered = _remembered(key, _SCREEN_CHOICES)
                 if remembered is None or (remembered and self._screen() is None):
                     use = self._screen_pays(x, exact)
-                    _remember_screen(key, use)
+                    _remember(key, "screen" if use else "full")
                 else:
                     use = remembered
                 _CHOSEN_KERNELS[key] = use
@@ -284,29 +284,21 @@ def _cpu_name() -> str:
     return (names[0] if names else platform.processor() or platform.machine()) + f" ×{os.cpu_count()}"
 
 
-def _remembered_kernel(key: tuple) -> Optional[Callable]:
-    """The CPU kernel remembered for `key` on this machine (None: time them)."""
+def _remembered(key: tuple, choices: dict):
+    """The choice (a value of `choices`, by its name) remembered for `key` on this machine, or
+    None: time them. Only CPUs are remembered."""
     if key[2] != "cpu":
         return None
-    name = read_memo(_KERNEL_MEMO).get(_machine_key(key))
-    return {kernel.__name__: kernel for kernel in (*_KERNELS, _packed)}.get(name)
+    return choices.get(read_memo(_KERNEL_MEMO).get(_machine_key(key)))
 
 
-def _remember_kernel(key: tuple, kernel: Callable) -> None:
+def _remember(key: tuple, name: str) -> None:
     if key[2] == "cpu":
-        remember(_KERNEL_MEMO, _machine_key(key), kernel.__name__, limit=_KERNEL_MEMO_LIMIT)
+        remember(_KERNEL_MEMO, _machine_key(key), name, limit=_KERNEL_MEMO_LIMIT)
 
 
-def _remembered_screen(key: tuple) -> Optional[bool]:
-    """Whether the screen was faster for `key` on this machine (None: time it)."""
-    if key[2] != "cpu":
-        return False
-    return {"screen": True, "full": False}.get(read_memo(_KERNEL_MEMO).get(_machine_key(key)))
-
-
-def _remember_screen(key: tuple, use: bool) -> None:
-    if key[2] == "cpu":
-        remember(_KERNEL_MEMO, _machine_key(key), "screen" if use else "full", limit=_KERNEL_MEMO_LIMIT)
+_KERNEL_CHOICES = {kernel.__name__: kernel for kernel in (*_KERNELS, _packed)}
+_SCREEN_CHOICES = {"screen": True, "full": False}
 
 
 # (weight shape, dtype, device type, rows) -> the kernel timed fastest for it in this process
@@ -332,8 +324,9 @@ class ExactArgmax:
 
 class _Screen:
     """The projection screened through a float16 copy of the weight (fbgemm's fp16 product: half
-    the bytes of float32, AVX2 kernels; 2-core AMD EPYC, tiny.en, 1 row 2.8 ms against 7.4 for
-    float32's fastest kernel), then computed in float32 wherever it decides.
+    the bytes of float32, AVX2 kernels), then computed in float32 wherever it decides: on a 2-core
+    AMD EPYC, tiny.en, 1 row 3.6 ms against 6.1 for float32's fastest kernel, 8 rows 7.4 against
+    8.4 (`eval/benchmark.py projection`).
 
     Bound (per row x, vocabulary row w): |x·w − fp16 product| ≤ ‖x‖ (‖w − fp16(w)‖ + 4·d·u·‖w‖),
     the weight's rounding by Cauchy–Schwarz plus both products' float32 accumulation
