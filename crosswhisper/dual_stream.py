@@ -226,17 +226,11 @@ class _Projection:
         screen = self._screen()
         if screen is None:
             return False
-        runs = {"full": lambda: self(x), "screen": lambda: screen(x, exact)}
-        times = {name: [] for name in runs}
-        for _ in range(4):  # interleaved; the first round warms up
-            for name, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t0)
+        times = _median_times({"full": lambda: self(x), "screen": lambda: screen(x, exact)})
         # a near tie goes to the screen: where it runs for every row count, the 80 MB blocked
         # float32 copy is not kept (its 40 MB float16 copy is); measured ties at 8 rows (tiny.en,
         # 7.4 against 8.4 ms, end to end the same) otherwise kept both, +60 MB of resident memory
-        pays = statistics.median(times["screen"][1:]) < 1.1 * statistics.median(times["full"][1:])
+        pays = times["screen"] < 1.1 * times["full"]
         logger.debug("vocabulary projection of %d rows: screened %s", x.shape[0], pays)
         if pays:  # the full product of this row count was run only to time it
             self.kernel.pop(x.shape[0], None)
@@ -251,18 +245,25 @@ class _Projection:
             return _linear
         if self.packed is None:
             self.packed = _pack(self.weight)  # `__call__` drops it again if it does not win
-        runs = {kernel: (x, self.weight) for kernel in _KERNELS}
+        runs = {kernel: functools.partial(kernel, x, self.weight) for kernel in _KERNELS}
         if self.packed is not None:
-            runs[_packed] = (x, self.packed)
-        times = {kernel: [] for kernel in runs}
-        for _ in range(4):  # interleaved; the first round warms up
-            for kernel, args in runs.items():
-                t0 = time.perf_counter()
-                kernel(*args)
-                times[kernel].append(time.perf_counter() - t0)
-        best = min(runs, key=lambda k: statistics.median(times[k][1:]))
+            runs[_packed] = functools.partial(_packed, x, self.packed)
+        times = _median_times(runs)
+        best = min(times, key=times.get)
         logger.debug("vocabulary projection of %d rows: %s", x.shape[0], best.__name__)
         return best
+
+
+def _median_times(runs: dict) -> dict:
+    """Median seconds of each call of `runs` (a key → a function of no arguments), interleaved
+    over 4 rounds, the first a warm-up."""
+    times = {key: [] for key in runs}
+    for _ in range(4):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(spent[1:]) for key, spent in times.items()}
 
 
 # The CPU kernel timed fastest per machine, torch build, thread count, weight shape and row count,
