@@ -84,8 +84,24 @@ def join_chapter(chapter: Path, max_seconds: float, out_dir: Path) -> tuple[Path
     return out, length / SAMPLE_RATE
 
 
-def joined_chapters(subset: Path, speakers, exclude, max_seconds: float, total_minutes, out_dir: Path, rng) -> tuple[list[Path], float]:
-    """Chapters (shuffled by rng) joined into long files until total_minutes (None: all)."""
+def start_later(path: Path, offset: float) -> tuple[Path, float]:
+    """The joined file without its first `offset` seconds, written once beside it: Whisper's
+    long-form loop cuts it into other windows (other seeks, prompts and timestamps): more
+    long-form training windows from the same speech. (path, seconds)."""
+    import soundfile as sf
+
+    out = path.with_name(f"{path.stem}-from{offset:g}s.flac")
+    if not out.exists():
+        audio, rate = sf.read(path, dtype="float32")
+        sf.write(out, audio[int(offset * rate):], rate, subtype="PCM_16")
+    return out, sf.info(out).duration
+
+
+def joined_chapters(
+    subset: Path, speakers, exclude, max_seconds: float, total_minutes, out_dir: Path, rng, start_offsets=(0.0,)
+) -> tuple[list[Path], float]:
+    """Chapters (shuffled by rng) joined into long files until total_minutes (None: all), each
+    once per start offset (seconds cut from its start; 0: the whole joined file)."""
     chapters = sorted(
         c for c in subset.glob("*/*") if c.is_dir() and (speakers is None or c.parent.name in speakers) and c.parent.name not in exclude
     )
@@ -95,8 +111,10 @@ def joined_chapters(subset: Path, speakers, exclude, max_seconds: float, total_m
         if total_minutes is not None and seconds >= 60 * total_minutes:
             break
         path, length = join_chapter(chapter, max_seconds, out_dir)
-        files.append(path)
-        seconds += length
+        for offset in start_offsets:
+            start, start_length = (path, length) if offset == 0 else start_later(path, offset)
+            files.append(start)
+            seconds += start_length
     return sorted(files), seconds
 
 
@@ -132,6 +150,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chapter-seconds", type=float, default=300.0, help="--long-form: cap of a joined training chapter")
     parser.add_argument("--dev-chapter-seconds", type=float, default=200.0, help="--long-form: cap of a joined dev chapter")
     parser.add_argument("--train-minutes", type=float, default=50.0, help="--long-form: joined training audio")
+    parser.add_argument(
+        "--start-offsets", type=float, nargs="+", default=[0.0],
+        help="--long-form: each joined training chapter once per offset, that many seconds cut from its start "
+        "(other window cuts of the same speech); --train-minutes counts the chapters once",
+    )
     parser.add_argument("--init-adapter", type=Path, default=None, help="warm start from this adapter (same modules; its rank ≤ --rank)")
     parser.add_argument("--eval-gammas", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
@@ -200,12 +223,14 @@ def prepare(args):
     if args.long_form:
         joined = work / "longform"
         train_files, train_seconds_audio = joined_chapters(
-            args.train_data, None, set(args.dev_speakers), args.chapter_seconds, args.train_minutes, joined, rng
+            args.train_data, None, set(args.dev_speakers), args.chapter_seconds, args.train_minutes, joined, rng, args.start_offsets
         )
         dev_files, dev_seconds_audio = joined_chapters(
             args.train_data, set(args.dev_speakers), (), args.dev_chapter_seconds, None, joined, rng
         )
         stem = f"{len(train_files)}x{int(args.chapter_seconds)}s-{int(args.train_minutes)}min"
+        if args.start_offsets != [0.0]:
+            stem += "-from" + "-".join(f"{o:g}" for o in args.start_offsets)
         train_examples = prepare_long_form_examples(bundle, train_files, cache_file=work / f"train-longform-{stem}.pt")
         dev_examples = prepare_long_form_examples(
             bundle, dev_files, cache_file=work / f"dev-longform-{len(dev_files)}x{int(args.dev_chapter_seconds)}s.pt"
@@ -227,8 +252,9 @@ def prepare(args):
     test_examples = prepare_examples(bundle, test_files, cache_file=work / "test-clean.pt")
     if args.long_form:
         data = {
-            "train": f"{args.train_data.name}: {len(train_files)} chapters joined (≤ {args.chapter_seconds:.0f} s each), "
-            f"{train_seconds_audio / 60:.1f} min, {len(train_examples)} long-form windows, speakers except {args.dev_speakers}",
+            "train": f"{args.train_data.name}: {len(train_files) // len(args.start_offsets)} chapters joined (≤ {args.chapter_seconds:.0f} s each), "
+            + (f"each from {', '.join(f'{o:g}' for o in args.start_offsets)} s in, " if args.start_offsets != [0.0] else "")
+            + f"{train_seconds_audio / 60:.1f} min, {len(train_examples)} long-form windows, speakers except {args.dev_speakers}",
             "dev": f"{args.train_data.name}: {len(dev_files)} chapters of speakers {args.dev_speakers} joined "
             f"(≤ {args.dev_chapter_seconds:.0f} s each), {dev_seconds_audio / 60:.1f} min, {len(dev_examples)} long-form windows",
             "targets": "the windows Whisper's sequential long-form loop decodes (timestamps, previous-text prompts), "
