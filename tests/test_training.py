@@ -174,3 +174,30 @@ def test_warm_start_into_a_higher_rank_keeps_the_function_and_trains_every_rank(
             assert weight.grad[:, 4:].abs().sum() > 0, name
     with pytest.raises(ValueError, match="rank"):
         _warm_start(WhisperTask(bundle), new_adapter(bundle, rank=2), tmp_path)
+
+
+def test_the_recipe_joins_chapters_and_starts_them_later(tmp_path):
+    """--start-offsets: each joined chapter once per offset, the later ones the same audio
+    without its first seconds (other long-form window cuts of the same speech)."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    import soundfile as sf
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_whisper_adapter", root / "recipes" / "train_whisper_adapter.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    subset = root / "tests" / "data" / "LibriSpeech" / "test-clean"
+
+    files, seconds = recipe.joined_chapters(subset, None, (), 60.0, None, tmp_path, random.Random(0), (0.0, 2.5))
+    assert len(files) == 2 * 3 and len({f.name for f in files}) == 6
+    for whole in [f for f in files if "-from" not in f.name]:
+        later = whole.with_name(f"{whole.stem}-from2.5s.flac")
+        assert later in files
+        full, rate = sf.read(whole, dtype="float32")
+        cut, _ = sf.read(later, dtype="float32")
+        assert rate == 16000
+        assert len(full) - len(cut) == int(2.5 * rate) and (cut == full[int(2.5 * rate):]).all()
+    assert seconds == pytest.approx(sum(sf.info(f).duration for f in files))
