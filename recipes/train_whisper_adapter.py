@@ -106,11 +106,12 @@ def joined_chapters(
         c for c in subset.glob("*/*") if c.is_dir() and (speakers is None or c.parent.name in speakers) and c.parent.name not in exclude
     )
     rng.shuffle(chapters)
-    files, seconds = [], 0.0
+    files, seconds, chapters_seconds = [], 0.0, 0.0
     for chapter in chapters:
-        if total_minutes is not None and seconds >= 60 * total_minutes:
+        if total_minutes is not None and chapters_seconds >= 60 * total_minutes:  # each chapter counted once
             break
         path, length = join_chapter(chapter, max_seconds, out_dir)
+        chapters_seconds += length
         for offset in start_offsets:
             start, start_length = (path, length) if offset == 0 else start_later(path, offset)
             files.append(start)

@@ -201,3 +201,9 @@ def test_the_recipe_joins_chapters_and_starts_them_later(tmp_path):
         assert rate == 16000
         assert len(full) - len(cut) == int(2.5 * rate) and (cut == full[int(2.5 * rate):]).all()
     assert seconds == pytest.approx(sum(sf.info(f).duration for f in files))
+    # --train-minutes counts each chapter once, whatever the offsets
+    _, first = recipe.joined_chapters(subset, None, (), 60.0, 1e-9, tmp_path, random.Random(0))
+    minutes = 1.5 * first / 60
+    once, _ = recipe.joined_chapters(subset, None, (), 60.0, minutes, tmp_path, random.Random(0))
+    offset, _ = recipe.joined_chapters(subset, None, (), 60.0, minutes, tmp_path, random.Random(0), (0.0, 2.5))
+    assert len(once) == 2 and [f for f in offset if "-from" not in f.name] == once
