@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="caches and checkpoints")
     parser.add_argument("--output", type=Path, default=None, help="default: crosswhisper/adapters/<model>")
     args = parser.parse_args(argv)
+    if min(args.start_offsets) < 0 or len(set(args.start_offsets)) < len(args.start_offsets):
+        parser.error(f"--start-offsets must be distinct and ≥ 0 seconds, not {args.start_offsets}")
     processes = Processes.from_environment()  # one, or those of `accelerate launch`
     logging.basicConfig(level=logging.INFO if processes.is_main else logging.WARNING, format="%(levelname)s: %(message)s")
 

@@ -1,3 +1,5 @@
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,17 @@ LANGUAGES = ("de", "es", "it")  # tests/data/languages/<lang>.flac, espeak-ng sp
 # A test that needs it must be marked slow and skip when it is absent (shared_data fixture).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+
+
+def load_script(path: Path, name: str):
+    """A script of the repository (eval/, recipes/) as a module, as `python path` runs it: its
+    folder on sys.path (for the modules beside it) and registered (dataclasses look it up)."""
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 def librispeech_utterances(subset_dir: Path) -> list[tuple[str, Path, str]]:
     """(utterance id, audio path, reference transcript) in a canonical LibriSpeech tree."""

@@ -4,9 +4,7 @@ One real run on 2 test-clean utterances with tiny.en and the shipped adapter (ev
 one lossy setting, faster-whisper when installed), plus cheap checks of the data loaders.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from crosswhisper import transcribe
 from crosswhisper.metrics import word_error_rate
 from crosswhisper.engine import default_gamma
 from crosswhisper.whisper import DEFAULT_GAMMA, get_bundle
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_ADAPTER = Path(crosswhisper.__file__).resolve().parent / "adapters" / "tiny.en"
@@ -42,13 +41,7 @@ UTTERANCE_SYSTEM_FIELDS = {
 
 @pytest.fixture(scope="module")
 def script():
-    # as `python eval/librispeech.py` does: its folder on sys.path, for the modules beside it (common, report, ...)
-    sys.path.insert(0, str(REPO / "eval"))
-    spec = importlib.util.spec_from_file_location("eval_librispeech", REPO / "eval" / "librispeech.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "eval" / "librispeech.py", "eval_librispeech")
 
 
 @pytest.fixture(scope="module")

@@ -179,16 +179,14 @@ def test_warm_start_into_a_higher_rank_keeps_the_function_and_trains_every_rank(
 def test_the_recipe_joins_chapters_and_starts_them_later(tmp_path):
     """--start-offsets: each joined chapter once per offset, the later ones the same audio
     without its first seconds (other long-form window cuts of the same speech)."""
-    import importlib.util
     import random
     from pathlib import Path
 
     import soundfile as sf
+    from conftest import load_script
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("train_whisper_adapter", root / "recipes" / "train_whisper_adapter.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_script(root / "recipes" / "train_whisper_adapter.py", "train_whisper_adapter")
     subset = root / "tests" / "data" / "LibriSpeech" / "test-clean"
 
     files, seconds = recipe.joined_chapters(subset, None, (), 60.0, None, tmp_path, random.Random(0), (0.0, 2.5))
